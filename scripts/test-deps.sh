@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs the system packages the tests use. Idempotent: only missing commands are installed.
+set -euo pipefail
+
+# command -> Debian package that provides it
+declare -A wanted=(
+  [curl]=curl
+)
+
+missing=()
+for cmd in "${!wanted[@]}"; do
+  command -v "$cmd" >/dev/null 2>&1 || missing+=("${wanted[$cmd]}")
+done
+
+if ((${#missing[@]})); then
+  echo "test-deps: installing ${missing[*]}" >&2
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "test-deps: need root to install ${missing[*]}" >&2
+    exit 1
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
