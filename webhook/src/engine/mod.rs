@@ -1,0 +1,476 @@
+//! The injection engine: a pod's JSON in, RFC 6902 operations and warnings out.
+//!
+//! Pure and synchronous: no I/O, no clock, no HTTP. The admission server and the offline
+//! `inject` command both call [`Injector::review`], so what admins preview is what runs.
+
+pub mod no_proxy;
+pub mod pod;
+pub mod profile;
+pub mod selector;
+
+use std::collections::BTreeMap;
+
+use ipnet::IpNet;
+use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
+use jsonptr::PointerBuf;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use no_proxy::{LOOPBACK, NoProxyList, kubernetes_service_ip};
+use pod::{ContainerList, ContainerView, PodShapeError, PodView};
+
+/// Facts about the cluster that shape NO_PROXY. From the config, or discovered from the API.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterFacts {
+    /// Service CIDRs; the first one's first address is the `kubernetes` Service.
+    pub service_cidrs: Vec<IpNet>,
+    /// Pod CIDRs.
+    pub pod_cidrs: Vec<IpNet>,
+    /// API server hostnames and IPs.
+    pub api_server: Vec<String>,
+}
+
+impl ClusterFacts {
+    /// The facts the configuration states.
+    pub fn from_config(config: &Config) -> Self {
+        Self {
+            service_cidrs: config.service_cidrs.clone(),
+            pod_cidrs: config.pod_cidrs.clone(),
+            api_server: config.api_server.clone(),
+        }
+    }
+}
+
+/// The admission operation on the pod; only `Create` is ever mutated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Operation {
+    /// A new pod: env can still be set.
+    Create,
+    /// An update: a running pod's env cannot change, so it is left alone.
+    Update,
+    /// A deletion.
+    Delete,
+    /// A connect (exec, attach, port-forward).
+    Connect,
+}
+
+/// What the engine knows about a pod besides its JSON.
+#[derive(Clone, Copy, Debug)]
+pub struct PodContext<'a> {
+    /// The namespace the pod is created in (the request's, as the pod may not say).
+    pub namespace: &'a str,
+    /// The admission operation.
+    pub operation: Operation,
+    /// Names of the Services in that namespace, sorted, when the caller knows them.
+    pub services: &'a [String],
+}
+
+/// What the engine decided about a pod.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Decision {
+    /// Selected and injected; the patch may be empty when the pod already is.
+    Injected {
+        /// The profile that selected it, or `annotation` for a per-pod opt-in.
+        profile: String,
+    },
+    /// No profile selects the pod and it did not opt in.
+    NotSelected,
+    /// The pod opted out with the inject annotation set to `"false"`.
+    OptedOut,
+    /// The operation is not a CREATE; nothing to do.
+    NotCreate,
+}
+
+impl Decision {
+    /// A short word for logs and metrics.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Decision::Injected { .. } => "injected",
+            Decision::NotSelected => "not-selected",
+            Decision::OptedOut => "opted-out",
+            Decision::NotCreate => "not-create",
+        }
+    }
+
+    /// The selecting profile, if any.
+    pub fn profile(&self) -> Option<&str> {
+        match self {
+            Decision::Injected { profile } => Some(profile),
+            _ => None,
+        }
+    }
+}
+
+/// The engine's answer for one pod.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mutation {
+    /// Why the pod was or was not changed.
+    pub decision: Decision,
+    /// RFC 6902 operations against the pod as given; empty when nothing changes.
+    pub patch: Vec<PatchOperation>,
+    /// Human-readable warnings for the API server to show the user.
+    pub warnings: Vec<String>,
+}
+
+/// What the status annotation records, as compact JSON.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct InjectionStatus {
+    /// The profile that selected the pod.
+    pub profile: String,
+    /// Containers and init containers carrying egress-gate's variables, in pod order.
+    pub containers: Vec<String>,
+    /// `sha256:` and the first 16 hex digits of the hash of the injected names and values.
+    pub values_hash: String,
+}
+
+/// Profile name recorded for pods selected only by the opt-in annotation.
+pub const ANNOTATION_PROFILE: &str = "annotation";
+
+/// The injection engine, built once per configuration and shared by all reviews.
+#[derive(Clone, Debug)]
+pub struct Injector {
+    /// The configuration it was built from.
+    config: Config,
+    /// NO_PROXY entries that do not depend on the pod: loopback, API server, cluster domain,
+    /// CIDRs. Computed once; peer services and the admin's extras follow per pod.
+    cluster_no_proxy: NoProxyList,
+}
+
+/// One pair of variables: the upper-case name Go reads first, the lower-case one Python and
+/// curl read first. Both always carry the same value.
+struct EnvPair {
+    upper: &'static str,
+    lower: &'static str,
+    value: String,
+}
+
+impl Injector {
+    /// Builds the engine for `config` and the given cluster facts.
+    pub fn new(config: &Config, facts: &ClusterFacts) -> Self {
+        let mut list = NoProxyList::new();
+        list.extend(LOOPBACK);
+        list.extend(facts.api_server.iter().cloned());
+        if let Some(ip) = facts.service_cidrs.first().and_then(kubernetes_service_ip) {
+            list.push(ip.to_string());
+        }
+        // The in-cluster API server names that the `.svc` suffixes do not cover.
+        list.extend(["kubernetes", "kubernetes.default"]);
+        list.push_cluster_domain(&config.cluster_domain);
+        for net in facts.service_cidrs.iter().chain(&facts.pod_cidrs) {
+            list.push_cidr(net);
+        }
+        Self {
+            config: config.clone(),
+            cluster_no_proxy: list,
+        }
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Decides about one pod and returns the patch that injects it.
+    pub fn review(&self, pod: &Value, ctx: &PodContext<'_>) -> Result<Mutation, PodShapeError> {
+        if ctx.operation != Operation::Create {
+            return Ok(Mutation {
+                decision: Decision::NotCreate,
+                patch: Vec::new(),
+                warnings: Vec::new(),
+            });
+        }
+        let view = PodView::parse(pod)?;
+        let mut warnings = Vec::new();
+        let labels = view.labels.clone().unwrap_or_default();
+
+        let opt_in = match view.annotation(&self.config.inject_annotation) {
+            Some("false") => {
+                return Ok(Mutation {
+                    decision: Decision::OptedOut,
+                    patch: Vec::new(),
+                    warnings,
+                });
+            }
+            Some("true") => true,
+            Some(other) => {
+                warnings.push(format!(
+                    "egress-gate: annotation {}={other:?} ignored; use \"true\" or \"false\"",
+                    self.config.inject_annotation
+                ));
+                false
+            }
+            None => false,
+        };
+        let profile = self.config.profiles.iter().find(|p| p.matches(&labels));
+        let profile_name = match (profile, opt_in) {
+            (Some(p), _) => p.name.clone(),
+            (None, true) => ANNOTATION_PROFILE.to_string(),
+            (None, false) => {
+                return Ok(Mutation {
+                    decision: Decision::NotSelected,
+                    patch: Vec::new(),
+                    warnings,
+                });
+            }
+        };
+
+        let no_proxy = self.no_proxy_for(profile, &labels, ctx);
+        let pairs = self.env_pairs(no_proxy.to_env_value());
+        let values_hash = values_hash(&pairs);
+
+        let mut patch = Vec::new();
+        let mut carrying = Vec::new();
+        for container in &view.containers {
+            if self.inject_container(container, &pairs, &mut patch, &mut warnings) {
+                carrying.push(container.name.to_string());
+            }
+        }
+
+        let status = InjectionStatus {
+            profile: profile_name.clone(),
+            containers: carrying,
+            values_hash,
+        };
+        let mut metadata = MetadataEdits::default();
+        self.label_edit(&view, &mut metadata, &mut warnings);
+        self.status_edit(&view, &status, &mut metadata);
+        let mut ops = metadata.into_ops(&view);
+        ops.extend(patch);
+
+        Ok(Mutation {
+            decision: Decision::Injected {
+                profile: profile_name,
+            },
+            patch: ops,
+            warnings,
+        })
+    }
+
+    /// The NO_PROXY list for one pod.
+    pub fn no_proxy_for(
+        &self,
+        profile: Option<&profile::Profile>,
+        labels: &BTreeMap<String, String>,
+        ctx: &PodContext<'_>,
+    ) -> NoProxyList {
+        let mut list = self.cluster_no_proxy.clone();
+        let peers = profile
+            .into_iter()
+            .flat_map(|p| &p.peer_services)
+            .filter_map(|t| t.render(labels))
+            .chain(ctx.services.iter().cloned());
+        for service in peers {
+            // `svc` resolves through the pod's search path; `svc.ns` is the other short form.
+            list.push(format!("{service}.{}", ctx.namespace));
+            list.push(service);
+        }
+        list.extend(self.config.no_proxy.iter().cloned());
+        list
+    }
+
+    fn env_pairs(&self, no_proxy: String) -> Vec<EnvPair> {
+        let mut pairs = vec![
+            EnvPair {
+                upper: "HTTPS_PROXY",
+                lower: "https_proxy",
+                value: self.config.proxy_url.clone(),
+            },
+            EnvPair {
+                upper: "NO_PROXY",
+                lower: "no_proxy",
+                value: no_proxy,
+            },
+        ];
+        if self.config.inject_http_proxy {
+            pairs.push(EnvPair {
+                upper: "HTTP_PROXY",
+                lower: "http_proxy",
+                value: self.config.proxy_url.clone(),
+            });
+        }
+        pairs
+    }
+
+    /// Adds the operations for one container; returns whether the container carries
+    /// egress-gate's values afterwards (injected now or on an earlier call).
+    fn inject_container(
+        &self,
+        container: &ContainerView<'_>,
+        pairs: &[EnvPair],
+        patch: &mut Vec<PatchOperation>,
+        warnings: &mut Vec<String>,
+    ) -> bool {
+        let mut to_add = Vec::new();
+        let mut carries = false;
+        for pair in pairs {
+            let upper = container.env_var(pair.upper);
+            let lower = container.env_var(pair.lower);
+            match (upper, lower) {
+                (None, None) => {
+                    to_add.push(json!({"name": pair.upper, "value": pair.value}));
+                    to_add.push(json!({"name": pair.lower, "value": pair.value}));
+                    carries = true;
+                }
+                (Some(u), Some(l))
+                    if u.value == Some(pair.value.as_str())
+                        && l.value == Some(pair.value.as_str()) =>
+                {
+                    carries = true;
+                }
+                _ => {
+                    let kept: Vec<&str> = [upper, lower]
+                        .into_iter()
+                        .flatten()
+                        .map(|e| e.name)
+                        .collect();
+                    warnings.push(format!(
+                        "egress-gate: {} container {:?} keeps its own {}; {}/{} not injected there",
+                        match container.list {
+                            ContainerList::Init => "init",
+                            ContainerList::Main => "app",
+                        },
+                        container.name,
+                        kept.join(" and "),
+                        pair.upper,
+                        pair.lower
+                    ));
+                }
+            }
+        }
+        if to_add.is_empty() {
+            return carries;
+        }
+        let base = [
+            "spec",
+            container.list.field(),
+            &container.index.to_string(),
+            "env",
+        ];
+        if container.env.is_none() {
+            patch.push(add(pointer(&base), Value::Array(to_add)));
+        } else {
+            for var in to_add {
+                patch.push(add(pointer(&[&base[..], &["-"]].concat()), var));
+            }
+        }
+        carries
+    }
+
+    fn label_edit(
+        &self,
+        view: &PodView<'_>,
+        edits: &mut MetadataEdits,
+        warnings: &mut Vec<String>,
+    ) {
+        let key = &self.config.client_label;
+        match view.label(key) {
+            Some("true") => {}
+            Some(other) => {
+                warnings.push(format!(
+                    "egress-gate: label {key}={other:?} replaced by \"true\" so the pod may reach the proxy"
+                ));
+                edits.labels.push((key.clone(), "true".into()));
+            }
+            None => edits.labels.push((key.clone(), "true".into())),
+        }
+    }
+
+    fn status_edit(&self, view: &PodView<'_>, status: &InjectionStatus, edits: &mut MetadataEdits) {
+        let key = &self.config.status_annotation;
+        let value = match serde_json::to_string(status) {
+            Ok(v) => v,
+            Err(e) => unreachable!("status always serializes: {e}"),
+        };
+        if view.annotation(key) != Some(value.as_str()) {
+            edits.annotations.push((key.clone(), value));
+        }
+    }
+}
+
+/// Labels and annotations to set, turned into operations in one place so that missing
+/// parents (`metadata`, `labels`, `annotations`) are created exactly once.
+#[derive(Default)]
+struct MetadataEdits {
+    /// Label keys and values to set.
+    labels: Vec<(String, String)>,
+    /// Annotation keys and values to set.
+    annotations: Vec<(String, String)>,
+}
+
+impl MetadataEdits {
+    fn into_ops(self, view: &PodView<'_>) -> Vec<PatchOperation> {
+        let as_object = |entries: &[(String, String)]| -> Value {
+            Value::Object(entries.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
+        };
+        let maps = [
+            ("labels", self.labels, view.labels.as_ref()),
+            ("annotations", self.annotations, view.annotations.as_ref()),
+        ];
+        if !view.has_metadata {
+            let metadata: Map<String, Value> = maps
+                .iter()
+                .filter(|(_, entries, _)| !entries.is_empty())
+                .map(|(name, entries, _)| (name.to_string(), as_object(entries)))
+                .collect();
+            if metadata.is_empty() {
+                return Vec::new();
+            }
+            return vec![add(pointer(&["metadata"]), Value::Object(metadata))];
+        }
+        let mut ops = Vec::new();
+        for (name, entries, existing) in maps {
+            match existing {
+                None if entries.is_empty() => {}
+                None => ops.push(add(pointer(&["metadata", name]), as_object(&entries))),
+                Some(existing) => {
+                    for (key, value) in entries {
+                        let path = pointer(&["metadata", name, &key]);
+                        ops.push(if existing.contains_key(&key) {
+                            replace(path, json!(value))
+                        } else {
+                            add(path, json!(value))
+                        });
+                    }
+                }
+            }
+        }
+        ops
+    }
+}
+
+fn pointer(tokens: &[&str]) -> PointerBuf {
+    PointerBuf::from_tokens(tokens.iter().copied())
+}
+
+fn add(path: PointerBuf, value: Value) -> PatchOperation {
+    PatchOperation::Add(AddOperation { path, value })
+}
+
+fn replace(path: PointerBuf, value: Value) -> PatchOperation {
+    PatchOperation::Replace(ReplaceOperation { path, value })
+}
+
+/// Length of the hex prefix of the SHA-256 kept in the status annotation: enough to tell
+/// configurations apart, short enough to read.
+const HASH_HEX_LEN: usize = 16;
+
+fn values_hash(pairs: &[EnvPair]) -> String {
+    let mut hasher = Sha256::new();
+    for pair in pairs {
+        for name in [pair.upper, pair.lower] {
+            hasher.update(name.as_bytes());
+            hasher.update(b"=");
+            hasher.update(pair.value.as_bytes());
+            hasher.update(b"\n");
+        }
+    }
+    let digest = hasher.finalize();
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256:{}", &hex[..HASH_HEX_LEN])
+}
