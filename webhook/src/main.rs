@@ -1,1 +1,196 @@
-fn main() {}
+//! `egress-webhook`: the command line. Parsing and exit codes only; the work is in the library.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use egress_webhook::config::Config;
+use egress_webhook::engine::{ClusterFacts, Injector};
+use egress_webhook::manifest::{InjectedObject, inject_stream};
+
+/// Exit code for bad input (unreadable or unparseable manifests), as the docs promise.
+const EXIT_BAD_INPUT: u8 = 2;
+/// Exit code for an invalid configuration: sysexits' EX_USAGE, as linkerd uses.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+/// egress-gate's admission webhook and its offline tools.
+#[derive(Parser)]
+#[command(name = "egress-webhook", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print manifests with egress-gate's changes applied, as the webhook would make them.
+    ///
+    /// Pods and the pod templates of Deployments, StatefulSets, DaemonSets, ReplicaSets,
+    /// Jobs and CronJobs are injected; other kinds pass through unchanged. Services in the
+    /// input count as peer services. The namespace opt-in label is not checked: the
+    /// preview shows what happens once the namespace is opted in.
+    Inject {
+        /// Manifest file, or `-` for standard input.
+        #[arg(short = 'f', long = "filename", value_name = "FILE|-")]
+        file: PathBuf,
+        /// Webhook configuration; the built-in defaults when omitted.
+        #[arg(long, value_name = "CFG")]
+        config: Option<PathBuf>,
+        /// Namespace for objects that name none.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Print each object's JSON patch instead of the patched objects.
+        #[arg(long)]
+        diff: bool,
+    },
+    /// Validate a configuration file and print the NO_PROXY it produces for a pod with no
+    /// peer services.
+    CheckConfig {
+        /// Webhook configuration; the built-in defaults when omitted.
+        #[arg(long, value_name = "CFG")]
+        config: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Inject {
+            file,
+            config,
+            namespace,
+            diff,
+        } => {
+            let config = match load_config(config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            inject(&config, &file, namespace.as_deref(), diff)
+        }
+        Command::CheckConfig { config } => match load_config(config) {
+            Ok(config) => {
+                let injector = Injector::new(&config, &ClusterFacts::from_config(&config));
+                let profiles: Vec<_> = config.profiles.iter().map(|p| p.name.as_str()).collect();
+                println!("config ok");
+                println!("proxyURL: {}", config.proxy_url);
+                println!("profiles: {}", profiles.join(", "));
+                let labels = Default::default();
+                let ctx = egress_webhook::engine::PodContext {
+                    namespace: "default",
+                    operation: egress_webhook::engine::Operation::Create,
+                    services: &[],
+                };
+                println!(
+                    "NO_PROXY: {}",
+                    injector.no_proxy_for(None, &labels, &ctx).to_env_value()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let result = match &path {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    };
+    result.map_err(|e| {
+        eprintln!("egress-webhook: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
+}
+
+fn inject(config: &Config, file: &PathBuf, namespace: Option<&str>, diff: bool) -> ExitCode {
+    let text = match read_input(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("egress-webhook: cannot read {}: {e}", file.display());
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    let injector = Injector::new(config, &ClusterFacts::from_config(config));
+    let objects = match inject_stream(&injector, &text, namespace) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("egress-webhook: {}: {e}", file.display());
+            return ExitCode::from(EXIT_BAD_INPUT);
+        }
+    };
+    match render(&objects, diff) {
+        Ok(out) => {
+            report(&objects);
+            if let Err(e) = std::io::stdout().lock().write_all(out.as_bytes()) {
+                eprintln!("egress-webhook: cannot write output: {e}");
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("egress-webhook: cannot print output: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn read_input(file: &PathBuf) -> std::io::Result<String> {
+    if file.as_os_str() == "-" {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text)?;
+        Ok(text)
+    } else {
+        std::fs::read_to_string(file)
+    }
+}
+
+/// The patched objects as a YAML stream, or with `diff` each object's JSON patch.
+fn render(objects: &[InjectedObject], diff: bool) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for object in objects {
+        if diff {
+            let Some(mutation) = &object.mutation else {
+                continue;
+            };
+            out.push_str(&format!(
+                "--- # document {}: {} {} ({})\n",
+                object.document,
+                object.kind,
+                object.display_name,
+                mutation.decision.as_str()
+            ));
+            out.push_str(&serde_json::to_string_pretty(&mutation.patch)?);
+            out.push('\n');
+        } else {
+            out.push_str("---\n");
+            out.push_str(&serde_yaml_ng::to_string(&object.object)?);
+        }
+    }
+    Ok(out)
+}
+
+/// One line per pod or template on standard error: what was decided and why, plus warnings.
+fn report(objects: &[InjectedObject]) {
+    for object in objects {
+        let Some(mutation) = &object.mutation else {
+            continue;
+        };
+        let profile = mutation
+            .decision
+            .profile()
+            .map(|p| format!(" (profile {p})"))
+            .unwrap_or_default();
+        eprintln!(
+            "document {}: {} {}: {}{profile}, {} patch operations",
+            object.document,
+            object.kind,
+            object.display_name,
+            mutation.decision.as_str(),
+            mutation.patch.len()
+        );
+        for warning in &mutation.warnings {
+            eprintln!("  warning: {warning}");
+        }
+    }
+}
