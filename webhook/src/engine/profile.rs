@@ -59,7 +59,8 @@ fn cnpg() -> Profile {
 }
 
 /// Velero: the server and node-agent pods from `velero install` and from the Helm chart, and
-/// the pods Velero derives from templates (data-mover exposers, repository maintenance jobs),
+/// the pods Velero derives from templates (data-mover exposers, file-system backup and
+/// restore pods, repository maintenance jobs),
 /// which copy env from their templates rather than from injected pods.
 fn velero() -> Profile {
     Profile {
@@ -79,6 +80,10 @@ fn velero() -> Profile {
             },
             expression("velero.io/exposer-pod-group", Operator::Exists, &[]),
             expression("velero.io/repo-name", Operator::Exists, &[]),
+            // File-system backup and restore pods (Velero 1.17's pod-volume data movers)
+            // carry only these labels, not the exposer group.
+            expression("velero.io/pod-volume-backup", Operator::Exists, &[]),
+            expression("velero.io/pod-volume-restore", Operator::Exists, &[]),
         ],
         peer_services: Vec::new(),
     }
@@ -232,6 +237,8 @@ mod tests {
         ])));
         assert!(p.matches(&pod(&[("velero.io/exposer-pod-group", "snapshot-exposer")])));
         assert!(p.matches(&pod(&[("velero.io/repo-name", "default-kopia")])));
+        assert!(p.matches(&pod(&[("velero.io/pod-volume-backup", "pvb-1")])));
+        assert!(p.matches(&pod(&[("velero.io/pod-volume-restore", "pvr-1")])));
         assert!(!p.matches(&pod(&[("app", "harbor")])));
     }
 
