@@ -59,6 +59,9 @@ pub struct Config {
     pub inject_annotation: String,
     /// Annotation recording what was injected.
     pub status_annotation: String,
+    /// Watch the cluster (Services, ServiceCIDRs, Nodes, the `kubernetes` Service) and add
+    /// what it finds to NO_PROXY. Off by default so the webhook runs without API access.
+    pub discovery: bool,
 }
 
 /// Why a configuration was rejected.
@@ -112,6 +115,7 @@ struct ConfigFile {
     client_label: Option<String>,
     inject_annotation: Option<String>,
     status_annotation: Option<String>,
+    discovery: Option<bool>,
 }
 
 /// A profile as written. With only a `name` that is built in, it stands for the built-in.
@@ -217,6 +221,7 @@ impl Config {
             client_label,
             inject_annotation,
             status_annotation,
+            discovery: file.discovery.unwrap_or(false),
         })
     }
 }

@@ -8,6 +8,12 @@
 //! - [`manifest`] applies the engine to whole manifests for the offline `inject` command.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod config;
+pub mod discovery;
 pub mod engine;
 pub mod manifest;
+pub mod metrics;
+pub mod server;
+pub mod tls;
+pub mod watch;

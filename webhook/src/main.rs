@@ -1,13 +1,16 @@
 //! `egress-webhook`: the command line. Parsing and exit codes only; the work is in the library.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use egress_webhook::config::Config;
 use egress_webhook::engine::{ClusterFacts, Injector};
 use egress_webhook::manifest::{InjectedObject, inject_stream};
+use egress_webhook::server::{self, ServeOptions, StartError};
 
 /// Exit code for bad input (unreadable or unparseable manifests), as the docs promise.
 const EXIT_BAD_INPUT: u8 = 2;
@@ -24,6 +27,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve admission reviews over TLS (the in-cluster mode).
+    Serve(ServeArgs),
     /// Print manifests with egress-gate's changes applied, as the webhook would make them.
     ///
     /// Pods and the pod templates of Deployments, StatefulSets, DaemonSets, ReplicaSets,
@@ -53,9 +58,44 @@ enum Command {
     },
 }
 
+/// Log line format.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Webhook configuration (reloaded when it changes); built-in defaults when omitted.
+    #[arg(long, value_name = "CFG")]
+    config: Option<PathBuf>,
+    /// PEM certificate chain for the admission endpoint (reloaded when it changes).
+    #[arg(long, value_name = "PEM")]
+    tls_cert: PathBuf,
+    /// PEM private key for the admission endpoint (reloaded when it changes).
+    #[arg(long, value_name = "PEM")]
+    tls_key: PathBuf,
+    /// Address of the HTTPS admission endpoint (`POST /mutate`).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    listen: SocketAddr,
+    /// Address of the plain-HTTP admin endpoint (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, default_value = "0.0.0.0:9443")]
+    admin_listen: SocketAddr,
+    /// How long SIGTERM waits for in-flight reviews before closing connections.
+    #[arg(long, default_value = "20s", value_parser = humantime::parse_duration)]
+    grace_period: Duration,
+    /// Log format.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Serve(args) => serve(args),
         Command::Inject {
             file,
             config,
@@ -89,6 +129,66 @@ fn main() -> ExitCode {
             }
             Err(code) => code,
         },
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("egress-webhook: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = ServeOptions {
+        config: args.config,
+        tls_cert: args.tls_cert,
+        tls_key: args.tls_key,
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        grace_period: args.grace_period,
+    };
+    match runtime.block_on(server::run(options, shutdown_signal())) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("egress-webhook: {e:#}");
+            match e.downcast_ref::<StartError>() {
+                Some(StartError::Config(_)) => ExitCode::from(EXIT_BAD_CONFIG),
+                _ => ExitCode::FAILURE,
+            }
+        }
+    }
+}
+
+/// Completes on SIGTERM (what the kubelet sends) or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
     }
 }
 

@@ -1,0 +1,423 @@
+//! AdmissionReview `admission.k8s.io/v1` in and out: the bytes the API server sends and the
+//! bytes it expects back. Synchronous and free of I/O so it can be fuzzed directly.
+//!
+//! The pod stays raw JSON from the request to the engine; the response is built with
+//! explicit field order and the patch is base64 of the engine's RFC 6902 operations.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::engine::{Decision, Injector, Operation, PodContext};
+
+/// The only AdmissionReview version egress-gate speaks (the only one current API servers send
+/// when the configuration lists `admissionReviewVersions: [v1]`).
+pub const API_VERSION: &str = "admission.k8s.io/v1";
+
+/// Where the names of Services come from for peer-service NO_PROXY entries.
+pub trait ServiceDirectory: Send + Sync {
+    /// Names of the Services in `namespace`, sorted. Empty when unknown.
+    fn services_in(&self, namespace: &str) -> Vec<String>;
+}
+
+/// A directory that knows no Services (discovery off).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoServices;
+
+impl ServiceDirectory for NoServices {
+    fn services_in(&self, _namespace: &str) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// How a review ended, for logs and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ReviewResult {
+    /// Allowed with a non-empty patch.
+    Patched,
+    /// Allowed, nothing to change (not selected, opted out, or already injected).
+    Unchanged,
+    /// Allowed unchanged: the request is not a pod CREATE (a misconfigured webhook rule).
+    NotPodCreate,
+    /// Allowed unchanged: the pod could not be read.
+    Unparseable,
+    /// Rejected with 400: the body is not an AdmissionReview.
+    BadRequest,
+}
+
+impl ReviewResult {
+    /// The label value used in metrics and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReviewResult::Patched => "patched",
+            ReviewResult::Unchanged => "unchanged",
+            ReviewResult::NotPodCreate => "not-pod-create",
+            ReviewResult::Unparseable => "unparseable",
+            ReviewResult::BadRequest => "bad-request",
+        }
+    }
+}
+
+/// What the server logs and counts about one review.
+#[derive(Clone, Debug, Default)]
+pub struct ReviewRecord {
+    /// The request uid.
+    pub uid: String,
+    /// The request namespace.
+    pub namespace: String,
+    /// The pod's name, or its generateName followed by `*`.
+    pub pod: String,
+    /// The selecting profile, if any.
+    pub profile: Option<String>,
+    /// The engine's decision (`injected`, `not-selected`, ...), if it ran.
+    pub decision: Option<String>,
+    /// Number of patch operations returned.
+    pub patch_ops: usize,
+    /// Whether the API server marked the request as a dry run.
+    pub dry_run: bool,
+    /// Why the pod was allowed unchanged, for `NotPodCreate` and `Unparseable`.
+    pub reason: Option<String>,
+}
+
+/// The HTTP answer for one review body.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    /// 200 for any AdmissionReview (allowed), 400 for a body that is not one.
+    pub status: u16,
+    /// JSON for 200, a one-line text message for 400.
+    pub body: Vec<u8>,
+    /// How it ended.
+    pub result: ReviewResult,
+    /// What to log.
+    pub record: ReviewRecord,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ReviewIn {
+    api_version: Option<String>,
+    kind: Option<String>,
+    request: Option<RequestIn>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RequestIn {
+    uid: String,
+    kind: Option<GroupVersionKind>,
+    #[serde(default)]
+    sub_resource: Option<String>,
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    namespace: Option<String>,
+    operation: Option<String>,
+    #[serde(default)]
+    object: Option<Value>,
+    #[serde(default)]
+    dry_run: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct GroupVersionKind {
+    #[serde(default)]
+    group: String,
+    #[serde(default)]
+    kind: String,
+}
+
+/// Answers one AdmissionReview body. Never panics; every AdmissionReview is allowed, with
+/// a patch when egress-gate has something to add.
+pub fn review(injector: &Injector, services: &dyn ServiceDirectory, body: &[u8]) -> Reply {
+    let parsed: ReviewIn = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return bad_request(format!("body is not an AdmissionReview: {e}")),
+    };
+    if parsed.api_version.as_deref() != Some(API_VERSION)
+        || parsed.kind.as_deref() != Some("AdmissionReview")
+    {
+        return bad_request(format!(
+            "expected apiVersion {API_VERSION} and kind AdmissionReview, got {:?} and {:?}",
+            parsed.api_version.unwrap_or_default(),
+            parsed.kind.unwrap_or_default()
+        ));
+    }
+    let Some(request) = parsed.request else {
+        return bad_request("AdmissionReview has no request".into());
+    };
+    if request.uid.is_empty() {
+        return bad_request("AdmissionReview request has an empty uid".into());
+    }
+
+    let mut record = ReviewRecord {
+        uid: request.uid.clone(),
+        namespace: request.namespace.clone().unwrap_or_default(),
+        pod: pod_display_name(&request),
+        dry_run: request.dry_run.unwrap_or(false),
+        ..Default::default()
+    };
+
+    let is_pod = request
+        .kind
+        .as_ref()
+        .is_some_and(|k| k.group.is_empty() && k.kind == "Pod")
+        && request
+            .sub_resource
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty();
+    let operation = request.operation.as_deref().and_then(parse_operation);
+    let (Some(object), true, Some(operation)) = (request.object.as_ref(), is_pod, operation) else {
+        let reason = format!(
+            "egress-gate: not a pod CREATE (kind {:?}, subresource {:?}, operation {:?}); allowed unchanged",
+            request
+                .kind
+                .as_ref()
+                .map(|k| k.kind.as_str())
+                .unwrap_or_default(),
+            request.sub_resource.as_deref().unwrap_or_default(),
+            request.operation.as_deref().unwrap_or_default(),
+        );
+        return allowed(
+            &request.uid,
+            None,
+            vec![reason.clone()],
+            ReviewResult::NotPodCreate,
+            record.with_reason(reason),
+        );
+    };
+    let namespace = request
+        .namespace
+        .as_deref()
+        .or_else(|| {
+            object
+                .pointer("/metadata/namespace")
+                .and_then(Value::as_str)
+        })
+        .unwrap_or_default()
+        .to_string();
+    let services = services.services_in(&namespace);
+    let ctx = PodContext {
+        namespace: &namespace,
+        operation,
+        services: &services,
+    };
+    match injector.review(object, &ctx) {
+        Ok(mutation) => {
+            record.profile = mutation.decision.profile().map(str::to_string);
+            record.decision = Some(mutation.decision.as_str().to_string());
+            record.patch_ops = mutation.patch.len();
+            let result = match (&mutation.decision, mutation.patch.is_empty()) {
+                (Decision::NotCreate, _) => ReviewResult::NotPodCreate,
+                (_, true) => ReviewResult::Unchanged,
+                (_, false) => ReviewResult::Patched,
+            };
+            let patch = (!mutation.patch.is_empty()).then_some(&mutation.patch);
+            let patch = match patch.map(serde_json::to_vec).transpose() {
+                Ok(p) => p,
+                Err(e) => {
+                    // Serializing operations of strings and JSON values cannot fail; if it
+                    // ever does, admit the pod rather than block it.
+                    let reason = format!("egress-gate: internal error, pod not injected: {e}");
+                    return allowed(
+                        &request.uid,
+                        None,
+                        vec![reason.clone()],
+                        ReviewResult::Unparseable,
+                        record.with_reason(reason),
+                    );
+                }
+            };
+            allowed(&request.uid, patch, mutation.warnings, result, record)
+        }
+        Err(e) => {
+            let reason = format!("egress-gate: pod not injected: {e}");
+            allowed(
+                &request.uid,
+                None,
+                vec![reason.clone()],
+                ReviewResult::Unparseable,
+                record.with_reason(reason),
+            )
+        }
+    }
+}
+
+impl ReviewRecord {
+    fn with_reason(mut self, reason: String) -> Self {
+        self.reason = Some(reason);
+        self
+    }
+}
+
+fn parse_operation(op: &str) -> Option<Operation> {
+    match op {
+        "CREATE" => Some(Operation::Create),
+        "UPDATE" => Some(Operation::Update),
+        "DELETE" => Some(Operation::Delete),
+        "CONNECT" => Some(Operation::Connect),
+        _ => None,
+    }
+}
+
+fn pod_display_name(request: &RequestIn) -> String {
+    let meta = |field: &str| {
+        request
+            .object
+            .as_ref()
+            .and_then(|o| o.pointer(&format!("/metadata/{field}")))
+            .and_then(Value::as_str)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    };
+    request
+        .name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .or_else(|| meta("name"))
+        .or_else(|| meta("generateName").map(|g| format!("{g}*")))
+        .unwrap_or_default()
+}
+
+/// The 200 answer: `response.uid` echoed, `allowed: true`, and the patch when there is one.
+fn allowed(
+    uid: &str,
+    patch: Option<Vec<u8>>,
+    warnings: Vec<String>,
+    result: ReviewResult,
+    record: ReviewRecord,
+) -> Reply {
+    let mut response = json!({ "uid": uid, "allowed": true });
+    if let Some(patch) = patch {
+        response["patchType"] = json!("JSONPatch");
+        response["patch"] = json!(BASE64.encode(patch));
+    }
+    if !warnings.is_empty() {
+        response["warnings"] = json!(warnings);
+    }
+    let review = json!({
+        "apiVersion": API_VERSION,
+        "kind": "AdmissionReview",
+        "response": response,
+    });
+    Reply {
+        status: 200,
+        body: review.to_string().into_bytes(),
+        result,
+        record,
+    }
+}
+
+fn bad_request(message: String) -> Reply {
+    Reply {
+        status: 400,
+        body: format!("{message}\n").into_bytes(),
+        result: ReviewResult::BadRequest,
+        record: ReviewRecord {
+            reason: Some(message),
+            ..Default::default()
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::engine::ClusterFacts;
+
+    fn injector() -> Injector {
+        let config = Config::default();
+        Injector::new(&config, &ClusterFacts::from_config(&config))
+    }
+
+    fn body(request: Value) -> Vec<u8> {
+        json!({"apiVersion": API_VERSION, "kind": "AdmissionReview", "request": request})
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn not_selected_pod_gets_exact_minimal_answer() {
+        let b = body(json!({
+            "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "operation": "CREATE", "namespace": "db",
+            "object": {"metadata": {"name": "x"}, "spec": {"containers": [{"name": "a"}]}}
+        }));
+        let reply = review(&injector(), &NoServices, &b);
+        assert_eq!(reply.status, 200);
+        assert_eq!(
+            String::from_utf8(reply.body).unwrap(),
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"705ab4f5-6393-11e8-b7cc-42010a800002","allowed":true}}"#
+        );
+        assert_eq!(reply.result, ReviewResult::Unchanged);
+    }
+
+    #[test]
+    fn bad_bodies_are_400_with_a_message() {
+        for (b, needle) in [
+            (b"not json".to_vec(), "not an AdmissionReview"),
+            (
+                br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#.to_vec(),
+                "v1beta1",
+            ),
+            (
+                br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(),
+                "no request",
+            ),
+            (body(json!({"uid": ""})), "empty uid"),
+            (body(json!({"kind": {}})), "uid"),
+        ] {
+            let reply = review(&injector(), &NoServices, &b);
+            assert_eq!(reply.status, 400);
+            let text = String::from_utf8(reply.body).unwrap();
+            assert!(text.contains(needle), "{text}");
+        }
+    }
+
+    #[test]
+    fn other_kinds_and_operations_are_allowed_with_a_warning() {
+        for request in [
+            json!({"uid": "u", "kind": {"group": "apps", "version": "v1", "kind": "Deployment"}, "operation": "CREATE", "object": {}}),
+            json!({"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "UPDATE", "object": {"spec": {"containers": []}}}),
+            json!({"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "subResource": "status", "operation": "CREATE", "object": {}}),
+            json!({"uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "DELETE"}),
+        ] {
+            let reply = review(&injector(), &NoServices, &body(request.clone()));
+            assert_eq!(reply.status, 200, "{request}");
+            let v: Value = serde_json::from_slice(&reply.body).unwrap();
+            assert_eq!(v["response"]["allowed"], true);
+            assert!(v["response"].get("patch").is_none());
+            assert!(
+                v["response"]["warnings"][0]
+                    .as_str()
+                    .unwrap()
+                    .contains("not a pod CREATE"),
+                "{v}"
+            );
+            assert_eq!(reply.result, ReviewResult::NotPodCreate);
+        }
+    }
+
+    #[test]
+    fn unparseable_pod_is_allowed_unchanged_with_the_field_named() {
+        let b = body(json!({
+            "uid": "u", "kind": {"group": "", "version": "v1", "kind": "Pod"}, "operation": "CREATE",
+            "object": {"metadata": {"labels": {"cnpg.io/podRole": "instance"}}, "spec": {"containers": "nope"}}
+        }));
+        let reply = review(&injector(), &NoServices, &b);
+        let v: Value = serde_json::from_slice(&reply.body).unwrap();
+        assert_eq!(v["response"]["allowed"], true);
+        assert!(
+            v["response"]["warnings"][0]
+                .as_str()
+                .unwrap()
+                .contains("/spec/containers"),
+            "{v}"
+        );
+        assert_eq!(reply.result, ReviewResult::Unparseable);
+    }
+}

@@ -1,0 +1,143 @@
+//! Prometheus metrics for the admin port. One struct owns every metric so the names and
+//! label sets are defined in one place.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+/// Labels of the reviews counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    /// `patched`, `unchanged`, `not-pod-create`, `unparseable`, `bad-request`.
+    pub result: String,
+    /// The selecting profile, empty when none.
+    pub profile: String,
+}
+
+/// Labels that carry only an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+/// Labels of the discovery cache gauge.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabel {
+    /// `services`, `servicecidrs` or `nodes`.
+    pub cache: String,
+}
+
+/// Every metric the webhook exports.
+#[derive(Debug)]
+pub struct Metrics {
+    /// The registry the admin port encodes.
+    pub registry: Registry,
+    /// Reviews answered, by result and profile.
+    pub reviews: Family<ReviewLabels, Counter>,
+    /// Patch operations returned, summed over reviews.
+    pub patch_operations: Counter,
+    /// Time to answer one review (parse, decide, serialize), in seconds.
+    pub review_duration: Histogram,
+    /// Objects in each discovery cache.
+    pub cache_objects: Family<CacheLabel, Gauge>,
+    /// Configuration reloads, by result.
+    pub config_reloads: Family<ResultLabel, Counter>,
+    /// 1 while the file on disk is the configuration in force, 0 after a rejected reload.
+    pub config_valid: Gauge,
+    /// Certificate reloads, by result.
+    pub tls_reloads: Family<ResultLabel, Counter>,
+}
+
+/// Smallest latency bucket: a review of a small pod takes tens of microseconds.
+const LATENCY_START_SECONDS: f64 = 0.000_05;
+/// Bucket growth factor; 14 buckets reach about 0.4 s, far past the API server's timeout.
+const LATENCY_FACTOR: f64 = 2.0;
+/// Number of latency buckets.
+const LATENCY_BUCKETS: u16 = 14;
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("egress_webhook");
+        let reviews = Family::<ReviewLabels, Counter>::default();
+        registry.register(
+            "reviews",
+            "Admission reviews answered, by result and profile",
+            reviews.clone(),
+        );
+        let patch_operations = Counter::default();
+        registry.register(
+            "patch_operations",
+            "JSON patch operations returned",
+            patch_operations.clone(),
+        );
+        let review_duration = Histogram::new(exponential_buckets(
+            LATENCY_START_SECONDS,
+            LATENCY_FACTOR,
+            LATENCY_BUCKETS,
+        ));
+        registry.register(
+            "review_duration_seconds",
+            "Time to answer one admission review",
+            review_duration.clone(),
+        );
+        let cache_objects = Family::<CacheLabel, Gauge>::default();
+        registry.register(
+            "discovery_cache_objects",
+            "Objects held in each discovery cache",
+            cache_objects.clone(),
+        );
+        let config_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "config_reloads",
+            "Configuration reloads, by result",
+            config_reloads.clone(),
+        );
+        let config_valid = Gauge::default();
+        config_valid.set(1);
+        registry.register(
+            "config_valid",
+            "1 while the configuration file on disk is the one in force, 0 after a rejected reload",
+            config_valid.clone(),
+        );
+        let tls_reloads = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "tls_reloads",
+            "Serving certificate reloads, by result",
+            tls_reloads.clone(),
+        );
+        Self {
+            registry,
+            reviews,
+            patch_operations,
+            review_duration,
+            cache_objects,
+            config_reloads,
+            config_valid,
+            tls_reloads,
+        }
+    }
+}
+
+impl Metrics {
+    /// The registry in Prometheus/OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+
+    /// Counts a reload of the configuration or certificates.
+    pub fn reload(family: &Family<ResultLabel, Counter>, ok: bool) {
+        family
+            .get_or_create(&ResultLabel {
+                result: if ok { "ok" } else { "error" }.to_string(),
+            })
+            .inc();
+    }
+}

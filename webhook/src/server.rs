@@ -1,0 +1,462 @@
+//! `egress-webhook serve`: the admission endpoint over TLS, the admin endpoint, reloads and
+//! graceful shutdown.
+//!
+//! Shape: one task accepts TLS connections and serves each with hyper (HTTP/2 or HTTP/1.1 by
+//! ALPN); a second serves the plain-HTTP admin port; a third owns the configuration and
+//! rebuilds the engine when the file or the discovered cluster facts change. Shutdown fails
+//! readiness, stops accepting, lets in-flight reviews finish and closes idle keep-alive
+//! connections (HTTP/2 GOAWAY), bounded by a grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, error, info, warn};
+
+use crate::admission::{self, NoServices, ReviewResult, ServiceDirectory};
+use crate::config::Config;
+use crate::discovery::{self, Discovered};
+use crate::engine::{ClusterFacts, Injector};
+use crate::metrics::{Metrics, ReviewLabels};
+use crate::tls::{self, CertStore};
+use crate::watch::FileWatch;
+
+/// Largest AdmissionReview body accepted; larger gets 413. Pods are far smaller; the API
+/// server's own request limit is 3 MiB.
+pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Most TLS connections served at once. The API server keeps a handful; the bound keeps a
+/// misbehaving client from exhausting file descriptors.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// A client must finish the TLS handshake within this, or it is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// An HTTP/1.1 client must send a request head within this.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed `accept` (for example out of file descriptors) before retrying.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Settings of `serve`, from the command line.
+#[derive(Clone, Debug)]
+pub struct ServeOptions {
+    /// Configuration file; defaults when absent (then nothing is watched).
+    pub config: Option<PathBuf>,
+    /// PEM certificate chain.
+    pub tls_cert: PathBuf,
+    /// PEM private key.
+    pub tls_key: PathBuf,
+    /// Address of the admission endpoint.
+    pub listen: SocketAddr,
+    /// Address of the plain-HTTP admin endpoint.
+    pub admin_listen: SocketAddr,
+    /// How long shutdown waits for in-flight reviews before closing connections anyway.
+    pub grace_period: Duration,
+}
+
+/// Errors that stop `serve` before it starts serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The configuration file is invalid.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The certificate or key is unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+}
+
+/// What `/readyz` reports: ready when every part is.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    /// Discovery caches have synced (true when discovery is off).
+    discovery_synced: AtomicBool,
+    /// Set on shutdown so the Service stops sending new reviews here.
+    shutting_down: AtomicBool,
+}
+
+impl Readiness {
+    /// `Ok` when ready, else why not.
+    pub fn check(&self) -> Result<(), &'static str> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            Err("shutting down")
+        } else if !self.discovery_synced.load(Ordering::Acquire) {
+            Err("discovery caches not synced")
+        } else {
+            Ok(())
+        }
+    }
+}
+
+struct AppState {
+    injector: watch::Receiver<Arc<Injector>>,
+    services: Arc<dyn ServiceDirectory>,
+    metrics: Arc<Metrics>,
+}
+
+/// Serves until `shutdown` completes, then drains. Config and TLS are loaded before anything
+/// listens, so a bad file stops the process with a message instead of serving nothing.
+pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let config = match &options.config {
+        Some(path) => Config::load(path).map_err(StartError::from)?,
+        None => Config::default(),
+    };
+    let certs = CertStore::new(
+        tls::load_pair(&options.tls_cert, &options.tls_key).map_err(StartError::from)?,
+    );
+    let tls_config = tls::server_config(Arc::clone(&certs)).map_err(StartError::from)?;
+    let metrics = Arc::new(Metrics::default());
+    let readiness = Arc::new(Readiness::default());
+
+    let (services, discovered): (Arc<dyn ServiceDirectory>, watch::Receiver<Discovered>) =
+        if config.discovery {
+            let handle = discovery::start(Arc::clone(&metrics)).await;
+            readiness_follow(handle.synced.clone(), Arc::clone(&readiness));
+            (handle.services, handle.facts)
+        } else {
+            readiness.discovery_synced.store(true, Ordering::Release);
+            (
+                Arc::new(NoServices),
+                watch::channel(Discovered::default()).1,
+            )
+        };
+
+    let (injector_tx, injector_rx) =
+        watch::channel(Arc::new(build_injector(&config, &discovered.borrow())));
+    tokio::spawn(keep_current(
+        options.clone(),
+        config,
+        discovered,
+        injector_tx,
+        Arc::clone(&certs),
+        Arc::clone(&metrics),
+    ));
+
+    let state = Arc::new(AppState {
+        injector: injector_rx,
+        services,
+        metrics: Arc::clone(&metrics),
+    });
+    let router = Router::new()
+        .route("/mutate", post(mutate))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state);
+
+    let listener = TcpListener::bind(options.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.listen))?;
+    let admin = TcpListener::bind(options.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", options.admin_listen))?;
+    info!(listen = %listener.local_addr()?, admin = %admin.local_addr()?, "serving admission reviews");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(serve_admin(
+        admin,
+        Arc::clone(&readiness),
+        Arc::clone(&metrics),
+    ));
+    let serve_task = tokio::spawn(serve_tls(
+        listener,
+        TlsAcceptor::from(Arc::new(tls_config)),
+        router,
+        stop_rx,
+        options.grace_period,
+    ));
+
+    shutdown.await;
+    info!("shutdown requested: not ready, no new connections, finishing in-flight reviews");
+    readiness.shutting_down.store(true, Ordering::Release);
+    let _ = stop_tx.send(true);
+    if let Err(e) = serve_task.await {
+        error!(error = %e, "admission server task failed");
+    }
+    admin_task.abort();
+    info!("stopped");
+    Ok(())
+}
+
+fn readiness_follow(mut synced: watch::Receiver<bool>, readiness: Arc<Readiness>) {
+    tokio::spawn(async move {
+        loop {
+            readiness
+                .discovery_synced
+                .store(*synced.borrow_and_update(), Ordering::Release);
+            if synced.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// The engine for a configuration and what discovery found.
+fn build_injector(config: &Config, discovered: &Discovered) -> Injector {
+    let facts: ClusterFacts = discovered.merge_into(ClusterFacts::from_config(config));
+    Injector::new(config, &facts)
+}
+
+/// Reloads the configuration and the certificate when their files change, and rebuilds the
+/// engine when the configuration or the discovered facts change. Invalid new files are
+/// logged and counted; what is in force stays.
+async fn keep_current(
+    options: ServeOptions,
+    mut config: Config,
+    mut discovered: watch::Receiver<Discovered>,
+    injector: watch::Sender<Arc<Injector>>,
+    certs: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+) {
+    let mut files = vec![options.tls_cert.as_path(), options.tls_key.as_path()];
+    if let Some(path) = &options.config {
+        files.push(path.as_path());
+    }
+    let mut watch = match FileWatch::new(&files) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "cannot watch files; config and certificate reloads are off");
+            None
+        }
+    };
+    let mut discovery_alive = true;
+    loop {
+        let discovery_change = async {
+            if discovery_alive {
+                discovered.changed().await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let file_change = async {
+            match watch.as_mut() {
+                Some(w) => w.changed().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = file_change => {
+                if changed.is_none() {
+                    watch = None;
+                    continue;
+                }
+                reload_tls(&options, &certs, &metrics);
+                if let Some(path) = &options.config {
+                    match Config::load(path) {
+                        Ok(next) if next == config => {}
+                        Ok(next) => {
+                            config = next;
+                            Metrics::reload(&metrics.config_reloads, true);
+                            metrics.config_valid.set(1);
+                            info!(path = %path.display(), "configuration reloaded");
+                        }
+                        Err(e) => {
+                            Metrics::reload(&metrics.config_reloads, false);
+                            metrics.config_valid.set(0);
+                            error!(error = %e, "new configuration rejected; the previous one stays in force");
+                            continue;
+                        }
+                    }
+                }
+            }
+            changed = discovery_change => {
+                if changed.is_err() {
+                    // Discovery stopped; keep what it found and watch only files from now on.
+                    discovery_alive = false;
+                    continue;
+                }
+            }
+        }
+        let next = Arc::new(build_injector(&config, &discovered.borrow_and_update()));
+        injector.send_replace(next);
+    }
+}
+
+fn reload_tls(options: &ServeOptions, certs: &CertStore, metrics: &Metrics) {
+    match tls::load_pair(&options.tls_cert, &options.tls_key) {
+        Ok(pair) => {
+            certs.replace(pair);
+            Metrics::reload(&metrics.tls_reloads, true);
+            debug!("serving certificate reloaded");
+        }
+        Err(e) => {
+            // Writers replace the two files one at a time; a half-updated pair settles on
+            // the next change. Until then the previous pair keeps serving.
+            Metrics::reload(&metrics.tls_reloads, false);
+            warn!(error = %e, "new certificate or key rejected; the previous pair stays in force");
+        }
+    }
+}
+
+async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let started = Instant::now();
+    let injector = Arc::clone(&state.injector.borrow());
+    let reply = admission::review(&injector, state.services.as_ref(), &body);
+    let elapsed = started.elapsed();
+
+    let record = &reply.record;
+    state.metrics.review_duration.observe(elapsed.as_secs_f64());
+    state
+        .metrics
+        .reviews
+        .get_or_create(&ReviewLabels {
+            result: reply.result.as_str().to_string(),
+            profile: record.profile.clone().unwrap_or_default(),
+        })
+        .inc();
+    state
+        .metrics
+        .patch_operations
+        .inc_by(record.patch_ops as u64);
+    let duration_us = elapsed.as_micros() as u64;
+    match reply.result {
+        ReviewResult::BadRequest | ReviewResult::Unparseable | ReviewResult::NotPodCreate => warn!(
+            uid = %record.uid, namespace = %record.namespace, pod = %record.pod,
+            result = reply.result.as_str(), reason = record.reason.as_deref().unwrap_or_default(),
+            duration_us, "review"
+        ),
+        ReviewResult::Patched | ReviewResult::Unchanged => info!(
+            uid = %record.uid, namespace = %record.namespace, pod = %record.pod,
+            profile = record.profile.as_deref().unwrap_or_default(),
+            decision = record.decision.as_deref().unwrap_or_default(),
+            result = reply.result.as_str(), patch_ops = record.patch_ops, dry_run = record.dry_run,
+            duration_us, "review"
+        ),
+    }
+    let content_type = if reply.status == 200 {
+        "application/json"
+    } else {
+        "text/plain; charset=utf-8"
+    };
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (status, [(header::CONTENT_TYPE, content_type)], reply.body).into_response()
+}
+
+/// Completes once `stop` turns true (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Accepts TLS connections until `stop` turns true, then drains them.
+async fn serve_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    router: Router,
+    mut stop: watch::Receiver<bool>,
+    grace_period: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    builder.http2().timer(TokioTimer::new());
+    let builder = Arc::new(builder);
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+
+    loop {
+        // Take a permit before accepting, so the limit holds without a race.
+        let permit = tokio::select! {
+            p = Arc::clone(&limit).acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            _ = stopped(&mut stop) => break,
+        };
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let acceptor = acceptor.clone();
+        let service = TowerToHyperService::new(router.clone());
+        let builder = Arc::clone(&builder);
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _permit = permit;
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
+                debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => info!("all connections closed"),
+        _ = tokio::time::sleep(grace_period) => warn!(?grace_period, "grace period over; closing remaining connections"),
+    }
+}
+
+/// The plain-HTTP admin endpoint: `/healthz`, `/readyz`, `/metrics`.
+pub fn admin_router(readiness: Arc<Readiness>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let readiness = Arc::clone(&readiness);
+                async move {
+                    match readiness.check() {
+                        Ok(()) => (StatusCode::OK, "ready\n".to_string()),
+                        Err(why) => (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            format!("not ready: {why}\n"),
+                        ),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    (
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
+        )
+}
+
+/// The admin port keeps answering during the drain, so probes see "not ready" rather than
+/// a refused connection; it stops with the process.
+async fn serve_admin(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
+    if let Err(e) = axum::serve(listener, admin_router(readiness, metrics)).await {
+        error!(error = %e, "admin server failed");
+    }
+}
