@@ -1,0 +1,439 @@
+//! The real `egress-webhook serve` binary, spoken to as the API server speaks to it.
+
+mod support;
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use egress_webhook::config::Config;
+use egress_webhook::engine::{ClusterFacts, Injector, Operation, PodContext};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::{Value, json};
+use support::*;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn engine_patch_bytes(pod: &Value, namespace: &str) -> Vec<u8> {
+    let config = Config::default();
+    let injector = Injector::new(&config, &ClusterFacts::from_config(&config));
+    let ctx = PodContext {
+        namespace,
+        operation: Operation::Create,
+        services: &[],
+    };
+    serde_json::to_vec(&injector.review(pod, &ctx).unwrap().patch).unwrap()
+}
+
+fn response(answer: &Answer) -> Value {
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(answer.content_type, "application/json");
+    let v: Value = serde_json::from_slice(&answer.body).unwrap();
+    assert_eq!(v["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(v["kind"], "AdmissionReview");
+    v["response"].clone()
+}
+
+fn decoded_patch(response: &Value) -> Vec<u8> {
+    assert_eq!(response["patchType"], "JSONPatch");
+    BASE64.decode(response["patch"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn h2_review_of_a_cnpg_instance_patches_exactly_what_the_engine_says() {
+    let webhook = Webhook::start(None);
+    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
+    assert_eq!(
+        h2.alpn.as_deref(),
+        Some(&b"h2"[..]),
+        "h2 is taken when offered"
+    );
+
+    let pod = fixture("cnpg-instance");
+    let answer = h2
+        .post(review_body(
+            "c0ffee00-0000-4000-8000-000000000001",
+            "db",
+            &pod,
+            false,
+        ))
+        .await;
+    let resp = response(&answer);
+    assert_eq!(resp["uid"], "c0ffee00-0000-4000-8000-000000000001");
+    assert_eq!(resp["allowed"], true);
+    let patch_bytes = decoded_patch(&resp);
+    assert_eq!(
+        patch_bytes,
+        engine_patch_bytes(&pod, "db"),
+        "patch bytes on the wire"
+    );
+
+    // Apply as the API server would, parse as a Pod, and review again: nothing more to do.
+    let patch: json_patch::Patch = serde_json::from_slice(&patch_bytes).unwrap();
+    let mut patched = pod.clone();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let typed: Pod = serde_json::from_value(patched.clone()).unwrap();
+    let postgres = typed
+        .spec
+        .unwrap()
+        .containers
+        .into_iter()
+        .find(|c| c.name == "postgres")
+        .unwrap();
+    let env = postgres.env.unwrap();
+    let get = |n: &str| {
+        env.iter()
+            .find(|e| e.name == n)
+            .and_then(|e| e.value.clone())
+    };
+    assert_eq!(
+        get("HTTPS_PROXY").as_deref(),
+        Some("http://egress-proxy.egress-gate.svc.cluster.local:3128")
+    );
+    assert_eq!(get("NO_PROXY"), get("no_proxy"));
+
+    let again = h2
+        .post(review_body(
+            "c0ffee00-0000-4000-8000-000000000002",
+            "db",
+            &patched,
+            false,
+        ))
+        .await;
+    assert_eq!(
+        std::str::from_utf8(&again.body).unwrap(),
+        r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"c0ffee00-0000-4000-8000-000000000002","allowed":true}}"#,
+        "reinvocation answers with no patch"
+    );
+}
+
+#[tokio::test]
+async fn http1_keep_alive_serves_many_reviews_on_one_connection() {
+    let webhook = Webhook::start(None);
+    let mut h1 = H1::connect(webhook.addr, &webhook.ca.der()).await;
+    assert_eq!(h1.alpn.as_deref(), Some(&b"http/1.1"[..]));
+    for (i, name) in [
+        "velero-install-server",
+        "plain-app",
+        "generate-name-pod",
+        "velero-node-agent",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let pod = fixture(name);
+        let ns = pod["metadata"]["namespace"].as_str().unwrap().to_string();
+        let answer = h1
+            .post(review_body(&format!("uid-{i}"), &ns, &pod, false))
+            .await;
+        let resp = response(&answer);
+        assert_eq!(resp["uid"], format!("uid-{i}"));
+        if *name == "plain-app" {
+            assert!(resp.get("patch").is_none());
+        } else {
+            assert_eq!(
+                decoded_patch(&resp),
+                engine_patch_bytes(&pod, &ns),
+                "{name}"
+            );
+        }
+    }
+    assert!(!h1.is_closed());
+}
+
+#[tokio::test]
+async fn dry_run_generate_name_and_namespace_from_the_request() {
+    let webhook = Webhook::start(None);
+    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
+    // A controller's pod: no name, no namespace in the object; the request carries it.
+    let mut pod = fixture("cnpg-full-recovery-job");
+    pod["metadata"].as_object_mut().unwrap().remove("namespace");
+    assert!(pod["metadata"].get("name").is_none());
+    let dry = response(&h2.post(review_body("dry", "db", &pod, true)).await);
+    let wet = response(&h2.post(review_body("wet", "db", &pod, false)).await);
+    assert_eq!(dry["patch"], wet["patch"], "dry run gets the same patch");
+    let patch = String::from_utf8(decoded_patch(&dry)).unwrap();
+    assert!(
+        patch.contains("pg-rw.db"),
+        "namespace taken from the request: {patch}"
+    );
+
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let logs = webhook.logs().join("\n");
+    let line = logs
+        .lines()
+        .find(|l| l.contains("\"uid\":\"dry\""))
+        .expect("one log line per review");
+    let v: Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["pod"], "pg-1-full-recovery-*");
+    assert_eq!(v["namespace"], "db");
+    assert_eq!(v["profile"], "cnpg");
+    assert_eq!(v["decision"], "injected");
+    assert_eq!(v["dry_run"], true);
+    assert!(v["duration_us"].is_u64());
+}
+
+#[tokio::test]
+async fn bad_input_gets_clear_http_errors_and_allowed_unchanged_reviews() {
+    let webhook = Webhook::start(None);
+    let mut h1 = H1::connect(webhook.addr, &webhook.ca.der()).await;
+
+    let answer = h1.post(b"{not json".to_vec()).await;
+    assert_eq!(answer.status, 400);
+    assert!(answer.content_type.starts_with("text/plain"));
+    assert!(String::from_utf8_lossy(&answer.body).starts_with("body is not an AdmissionReview: "));
+
+    let answer = h1
+        .post(br#"{"apiVersion":"v1","kind":"Pod"}"#.to_vec())
+        .await;
+    assert_eq!(answer.status, 400);
+
+    // An unparseable pod is admitted as it is, with a warning naming the field.
+    let pod = json!({"metadata": {"name": "x", "labels": {"cnpg.io/podRole": "instance"}}, "spec": {"containers": [{"name": "c", "env": {"bad": 1}}]}});
+    let resp = response(&h1.post(review_body("bad-pod", "db", &pod, false)).await);
+    assert_eq!(resp["allowed"], true);
+    assert!(resp.get("patch").is_none());
+    assert_eq!(
+        resp["warnings"][0],
+        "egress-gate: pod not injected: pod field /spec/containers/0/env is not a list"
+    );
+
+    // Over 3 MiB: 413, and the connection stays usable for the next review.
+    let mut big = fixture("plain-app");
+    big["metadata"]["annotations"] = json!({"blob": "x".repeat(3 * 1024 * 1024)});
+    let answer = h1.post(review_body("big", "db", &big, false)).await;
+    assert_eq!(answer.status, 413);
+
+    let mut h1 = H1::connect(webhook.addr, &webhook.ca.der()).await;
+    let resp = response(
+        &h1.post(review_body("after", "db", &fixture("plain-app"), false))
+            .await,
+    );
+    assert_eq!(resp["uid"], "after");
+
+    assert_eq!(
+        webhook
+            .metric("egress_webhook_reviews_total{result=\"bad-request\",profile=\"\"}")
+            .await,
+        Some(2.0)
+    );
+    assert_eq!(
+        webhook
+            .metric("egress_webhook_reviews_total{result=\"unparseable\",profile=\"\"}")
+            .await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn admin_port_reports_health_readiness_and_metrics() {
+    let webhook = Webhook::start(None);
+    assert_eq!(
+        webhook.admin_get("/healthz").await,
+        (200, "ok\n".to_string())
+    );
+    assert_eq!(
+        webhook.admin_get("/readyz").await,
+        (200, "ready\n".to_string())
+    );
+    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
+    response(
+        &h2.post(review_body("m1", "db", &fixture("cnpg-instance"), false))
+            .await,
+    );
+    assert_eq!(
+        webhook
+            .metric("egress_webhook_reviews_total{result=\"patched\",profile=\"cnpg\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        webhook
+            .metric("egress_webhook_patch_operations_total")
+            .await,
+        Some(11.0)
+    );
+    assert_eq!(
+        webhook
+            .metric("egress_webhook_review_duration_seconds_count")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        webhook.metric("egress_webhook_config_valid").await,
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn rotated_certificate_is_served_to_new_connections_while_old_ones_keep_working() {
+    let webhook = Webhook::start(None);
+    let mut old = H1::connect(webhook.addr, &webhook.ca.der()).await;
+    assert_eq!(old.cert, webhook.cert_der);
+
+    // A broken pair is rejected; the old certificate keeps serving.
+    support::publish_pair(&webhook.tls_dir(), 2, "not a certificate", "not a key");
+    wait_for_metric(
+        &webhook,
+        "egress_webhook_tls_reloads_total{result=\"error\"}",
+    )
+    .await;
+    assert_eq!(
+        H1::connect(webhook.addr, &webhook.ca.der()).await.cert,
+        webhook.cert_der
+    );
+
+    // cert-manager style rotation: a new pair under the same CA, swapped in through ..data.
+    let (cert, key, new_der) = webhook.ca.serving();
+    support::publish_pair(&webhook.tls_dir(), 3, &cert, &key);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let fresh = H1::connect(webhook.addr, &webhook.ca.der()).await;
+        if fresh.cert == new_der {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "new certificate never served"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let resp = response(
+        &old.post(review_body(
+            "still-here",
+            "db",
+            &fixture("plain-app"),
+            false,
+        ))
+        .await,
+    );
+    assert_eq!(
+        resp["uid"], "still-here",
+        "the connection opened before the rotation still works"
+    );
+}
+
+async fn wait_for_metric(webhook: &Webhook, sample: &str) {
+    for _ in 0..100 {
+        if webhook.metric(sample).await.unwrap_or(0.0) >= 1.0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("metric {sample} never appeared");
+}
+
+#[tokio::test]
+async fn config_reload_applies_valid_files_and_keeps_the_old_one_on_errors() {
+    let webhook = Webhook::start(Some("proxyURL: http://old-proxy.egress-gate.svc:3128\n"));
+    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
+    let pod = fixture("cnpg-instance");
+    let patch = |resp: Value| String::from_utf8(decoded_patch(&resp)).unwrap();
+    assert!(
+        patch(response(
+            &h2.post(review_body("a", "db", &pod, false)).await
+        ))
+        .contains("old-proxy")
+    );
+
+    std::fs::write(webhook.config_path(), "proxyURL: ftp://nope\n").unwrap();
+    wait_for_metric(
+        &webhook,
+        "egress_webhook_config_reloads_total{result=\"error\"}",
+    )
+    .await;
+    assert_eq!(
+        webhook.metric("egress_webhook_config_valid").await,
+        Some(0.0)
+    );
+    assert!(
+        patch(response(
+            &h2.post(review_body("b", "db", &pod, false)).await
+        ))
+        .contains("old-proxy")
+    );
+    assert!(
+        webhook
+            .logs()
+            .iter()
+            .any(|l| l.contains("proxyURL") && l.contains("rejected")),
+        "the log names the key"
+    );
+
+    std::fs::write(
+        webhook.config_path(),
+        "proxyURL: http://new-proxy.egress-gate.svc:3128\n",
+    )
+    .unwrap();
+    wait_for_metric(
+        &webhook,
+        "egress_webhook_config_reloads_total{result=\"ok\"}",
+    )
+    .await;
+    assert_eq!(
+        webhook.metric("egress_webhook_config_valid").await,
+        Some(1.0)
+    );
+    assert!(
+        patch(response(
+            &h2.post(review_body("c", "db", &pod, false)).await
+        ))
+        .contains("new-proxy")
+    );
+}
+
+#[tokio::test]
+async fn sigterm_fails_readiness_finishes_the_review_in_flight_and_exits() {
+    let mut webhook = Webhook::start_with(None, &["--grace-period", "10s"]);
+    let body = review_body("in-flight", "db", &fixture("cnpg-instance"), false);
+    let mut tls = tls_connect(webhook.addr, &webhook.ca.der(), &[b"http/1.1"]).await;
+    let head = format!(
+        "POST /mutate?timeout=5s HTTP/1.1\r\nHost: {SERVICE_NAME}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let half = body.len() / 2;
+    tls.write_all(&body[..half]).await.unwrap();
+    tls.flush().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    webhook.sigterm();
+    let mut not_ready = false;
+    for _ in 0..50 {
+        if webhook.admin_get("/readyz").await.0 == 503 {
+            not_ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(not_ready, "readiness fails on SIGTERM");
+    let mut refused = false;
+    for _ in 0..100 {
+        if tokio::net::TcpStream::connect(webhook.addr).await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the listener stops accepting on SIGTERM");
+
+    tls.write_all(&body[half..]).await.unwrap();
+    tls.flush().await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), tls.read_to_end(&mut raw))
+        .await
+        .expect("connection closed after the response")
+        .ok();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+    assert!(text.contains("\"uid\":\"in-flight\""), "{text}");
+
+    let status = webhook
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after draining");
+    assert!(status.success(), "{status:?}");
+}
