@@ -169,7 +169,9 @@ pub fn review(injector: &Injector, services: &dyn ServiceDirectory, body: &[u8])
             .unwrap_or_default()
             .is_empty();
     let operation = request.operation.as_deref().and_then(parse_operation);
-    let (Some(object), true, Some(operation)) = (request.object.as_ref(), is_pod, operation) else {
+    let (Some(object), true, Some(operation @ Operation::Create)) =
+        (request.object.as_ref(), is_pod, operation)
+    else {
         let reason = format!(
             "egress-gate: not a pod CREATE (kind {:?}, subresource {:?}, operation {:?}); allowed unchanged",
             request

@@ -597,14 +597,14 @@ mod tests {
         idx.apply(Event::Delete(svc("a", "x", &[])), key, |_| ());
         assert_eq!(idx.len(), 1);
         assert!(!idx.settled);
-        idx.apply(Event::Init, key, |_| ());
+        idx.apply(Event::<Service>::Init, key, |_| ());
         idx.apply(Event::InitApply(svc("a", "z", &[])), key, |_| ());
         assert_eq!(
             idx.len(),
             1,
             "old contents stay until the relist is complete"
         );
-        idx.apply(Event::InitDone, key, |_| ());
+        idx.apply(Event::<Service>::InitDone, key, |_| ());
         assert_eq!(
             idx.items.keys().cloned().collect::<Vec<_>>(),
             [("a".to_string(), "z".to_string())]

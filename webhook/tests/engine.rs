@@ -1,5 +1,7 @@
 //! Engine behaviour beyond the golden files: reinvocation, user-set variables, pointers.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is a failed test
+
 use egress_webhook::config::Config;
 use egress_webhook::engine::{ClusterFacts, Decision, Injector, Mutation, Operation, PodContext};
 use serde_json::{Value, json};
@@ -53,7 +55,7 @@ fn a_container_added_by_a_later_webhook_is_injected_on_reinvocation() {
         .unwrap()
         .push(json!({"name": "late-sidecar"}));
     let second = review(&inj, &pod);
-    let paths: Vec<String> = second.patch.iter().map(|op| op_path(op)).collect();
+    let paths: Vec<String> = second.patch.iter().map(op_path).collect();
     assert_eq!(
         paths,
         [

@@ -8,6 +8,8 @@
 //! with `json-patch`, the result is a valid `k8s_openapi` Pod, both cases of each variable
 //! carry the same value, and the engine on its own output returns no operations.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is a failed test
+
 use std::path::{Path, PathBuf};
 
 use egress_webhook::config::Config;

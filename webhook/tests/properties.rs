@@ -1,6 +1,8 @@
 //! Property tests over generated pods: the patch always applies, is idempotent, and touches
 //! nothing but container env, labels and annotations.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is a failed test
+
 use egress_webhook::config::Config;
 use egress_webhook::engine::{ClusterFacts, Injector, Operation, PodContext};
 use proptest::prelude::*;

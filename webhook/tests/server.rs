@@ -1,5 +1,7 @@
 //! The real `egress-webhook serve` binary, spoken to as the API server speaks to it.
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is a failed test
+
 mod support;
 
 use std::time::Duration;
@@ -434,6 +436,7 @@ async fn sigterm_fails_readiness_finishes_the_review_in_flight_and_exits() {
 
     let status = webhook
         .wait_exit(Duration::from_secs(10))
+        .await
         .expect("exits after draining");
     assert!(status.success(), "{status:?}");
 }
