@@ -1,0 +1,742 @@
+//! `deploy/` keeps egress-gate's contracts: everything renders, the webhook and proxy run as
+//! decided and hardened, RBAC is exactly what the code calls, the configs load with the real
+//! loaders, and objects of CRD kinds carry the fields their CRDs require.
+//!
+//! OpenAPI validation of the built-in kinds and `egress-webhook check-config` run in
+//! `scripts/test-manifests.sh`.
+
+// Test code: a panic is a failed test (see clippy.toml).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::sync::OnceLock;
+
+use egress_gate_manifests::{
+    find, id, kustomizations, manifest_files, parse_file, render, repo_root, require,
+};
+use serde_json::{Value, json};
+
+const NS: &str = "egress-gate";
+const IMAGE: &str = "ghcr.io/egress-gate/egress-gate:0.1.0";
+
+/// The rendered output of a kustomization directory, relative to the repo root.
+fn rendered(dir: &str) -> Vec<Value> {
+    render(&repo_root().join(dir)).unwrap()
+}
+
+fn base() -> &'static [Value] {
+    static BASE: OnceLock<Vec<Value>> = OnceLock::new();
+    BASE.get_or_init(|| rendered("deploy/base"))
+}
+
+fn strings(value: &Value) -> Vec<&str> {
+    value
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn every_kustomization_renders_to_well_formed_unique_objects() {
+    let dirs = kustomizations();
+    let names: Vec<String> = dirs
+        .iter()
+        .map(|d| d.strip_prefix(repo_root()).unwrap().display().to_string())
+        .collect();
+    for expected in [
+        "deploy/base",
+        "deploy/netpol/cilium",
+        "deploy/netpol/kubernetes",
+        "deploy/envoy-gateway",
+        "deploy/envoy-gateway/webhook-overlay",
+        "deploy/examples/cnpg",
+        "deploy/examples/cnpg-legacy",
+        "deploy/examples/namespace",
+        "deploy/examples/velero",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing: {names:?}"
+        );
+    }
+    for dir in &dirs {
+        let docs = render(dir).unwrap();
+        assert!(!docs.is_empty(), "{} renders nothing", dir.display());
+        let mut seen = BTreeSet::new();
+        for doc in &docs {
+            for field in ["apiVersion", "kind", "metadata.name"] {
+                require(doc, field)
+                    .unwrap_or_else(|e| panic!("{}: {}: {e}", dir.display(), id(doc)));
+            }
+            let key = (
+                doc["kind"].to_string(),
+                doc["metadata"]["namespace"].to_string(),
+                doc["metadata"]["name"].to_string(),
+            );
+            assert!(seen.insert(key), "{}: {} twice", dir.display(), id(doc));
+        }
+    }
+}
+
+/// Required fields of the CRD-based kinds we ship, kept by hand from each project's CRD
+/// (`required:` lists and the fields their controllers cannot work without).
+fn crd_required(api_version: &str, kind: &str) -> Option<&'static [&'static str]> {
+    Some(match (api_version, kind) {
+        ("cilium.io/v2", "CiliumNetworkPolicy") => &["metadata.namespace", "spec.endpointSelector"],
+        ("cilium.io/v2", "CiliumClusterwideNetworkPolicy") => {
+            &["spec.endpointSelector", "spec.egress[]"]
+        }
+        ("gateway.networking.k8s.io/v1", "Gateway") => &[
+            "spec.gatewayClassName",
+            "spec.listeners[].name",
+            "spec.listeners[].port",
+            "spec.listeners[].protocol",
+        ],
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => &[
+            "spec.parentRefs[].name",
+            "spec.hostnames[]",
+            "spec.rules[].backendRefs[].name",
+        ],
+        ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy") => &["spec.provider.type"],
+        ("gateway.envoyproxy.io/v1alpha1", "Backend") => &[
+            "spec.endpoints[].fqdn.hostname",
+            "spec.endpoints[].fqdn.port",
+        ],
+        ("gateway.envoyproxy.io/v1alpha1", "BackendTrafficPolicy") => &[
+            "spec.targetRefs[].group",
+            "spec.targetRefs[].kind",
+            "spec.targetRefs[].name",
+        ],
+        ("gateway.envoyproxy.io/v1alpha1", "ClientTrafficPolicy") => &[
+            "spec.targetRefs[].group",
+            "spec.targetRefs[].kind",
+            "spec.targetRefs[].name",
+        ],
+        ("postgresql.cnpg.io/v1", "Cluster") => &["spec.instances", "spec.storage.size"],
+        ("postgresql.cnpg.io/v1", "ScheduledBackup") => &["spec.schedule", "spec.cluster.name"],
+        ("barmancloud.cnpg.io/v1", "ObjectStore") => &["spec.configuration.destinationPath"],
+        ("velero.io/v1", "BackupStorageLocation") => {
+            &["spec.provider", "spec.objectStorage.bucket"]
+        }
+        _ => return None,
+    })
+}
+
+/// Kinds the Kubernetes OpenAPI schema covers (validated by scripts/test-manifests.sh).
+const BUILT_IN: &[&str] = &[
+    "Namespace",
+    "ServiceAccount",
+    "Role",
+    "ClusterRole",
+    "RoleBinding",
+    "ClusterRoleBinding",
+    "ConfigMap",
+    "Secret",
+    "Service",
+    "Deployment",
+    "PodDisruptionBudget",
+    "MutatingWebhookConfiguration",
+    "NetworkPolicy",
+];
+
+#[test]
+fn crd_objects_carry_their_required_fields() {
+    let mut docs: Vec<(String, Value)> = Vec::new();
+    for file in manifest_files() {
+        for doc in parse_file(&file).unwrap() {
+            docs.push((file.display().to_string(), doc));
+        }
+    }
+    for dir in kustomizations() {
+        for doc in render(&dir).unwrap() {
+            docs.push((dir.display().to_string(), doc));
+        }
+    }
+    let mut crd_kinds = BTreeSet::new();
+    for (origin, doc) in &docs {
+        let api_version = doc["apiVersion"].as_str().unwrap_or_default();
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        // Core groups have no dot (`v1`, `apps/v1`, `policy/v1`) or end in `.k8s.io/v1`.
+        let core_group = !api_version.contains('.') || api_version.ends_with(".k8s.io/v1");
+        if core_group && BUILT_IN.contains(&kind) {
+            continue;
+        }
+        let required = crd_required(api_version, kind).unwrap_or_else(|| {
+            panic!(
+                "{origin}: {api_version} {kind}: add its CRD's required fields to crd_required()"
+            )
+        });
+        for field in required {
+            require(doc, field).unwrap_or_else(|e| panic!("{origin}: {}: {e}", id(doc)));
+        }
+        crd_kinds.insert(kind.to_owned());
+    }
+    // Every CRD family the issue names is present.
+    for kind in [
+        "CiliumNetworkPolicy",
+        "CiliumClusterwideNetworkPolicy",
+        "EnvoyProxy",
+        "Gateway",
+        "HTTPRoute",
+        "Backend",
+        "BackendTrafficPolicy",
+        "ClientTrafficPolicy",
+        "Cluster",
+        "ObjectStore",
+        "BackupStorageLocation",
+    ] {
+        assert!(crd_kinds.contains(kind), "no {kind} in deploy/");
+    }
+}
+
+#[test]
+fn the_base_installs_what_docs_install_md_describes() {
+    let docs = base();
+    let kinds: BTreeSet<String> = docs.iter().map(id).collect();
+    let expected: BTreeSet<String> = [
+        "Namespace/egress-gate",
+        "ServiceAccount/egress-webhook",
+        "ServiceAccount/egress-proxy",
+        "ClusterRole/egress-webhook",
+        "ClusterRoleBinding/egress-webhook",
+        "Role/egress-webhook",
+        "RoleBinding/egress-webhook",
+        "ConfigMap/egress-webhook-config",
+        "ConfigMap/egress-proxy-config",
+        "Deployment/egress-webhook",
+        "Deployment/egress-proxy",
+        "PodDisruptionBudget/egress-webhook",
+        "PodDisruptionBudget/egress-proxy",
+        "Service/egress-webhook",
+        "Service/egress-proxy",
+        "MutatingWebhookConfiguration/egress-gate",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(kinds, expected);
+    for doc in docs {
+        let cluster_scoped = [
+            "Namespace",
+            "ClusterRole",
+            "ClusterRoleBinding",
+            "MutatingWebhookConfiguration",
+        ];
+        if !cluster_scoped.contains(&doc["kind"].as_str().unwrap()) {
+            assert_eq!(doc["metadata"]["namespace"], NS, "{}", id(doc));
+        }
+    }
+}
+
+/// Checks the hardening both Deployments share and returns the container.
+fn hardened_container(deployment: &Value, admin_port: u16) -> &Value {
+    let name = id(deployment);
+    let spec = &deployment["spec"];
+    assert_eq!(spec["replicas"], 2, "{name}");
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault",
+        "{name}"
+    );
+    let selector = &spec["selector"]["matchLabels"];
+    let anti = &pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        [0]["podAffinityTerm"];
+    assert_eq!(anti["topologyKey"], "kubernetes.io/hostname", "{name}");
+    assert_eq!(&anti["labelSelector"]["matchLabels"], selector, "{name}");
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1, "{name}");
+    let c = &containers[0];
+    assert_eq!(c["image"], IMAGE, "{name}");
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true, "{name}");
+    assert_eq!(sc["allowPrivilegeEscalation"], false, "{name}");
+    assert_eq!(sc["runAsNonRoot"], true, "{name}");
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]), "{name}");
+    for field in [
+        "requests.cpu",
+        "requests.memory",
+        "limits.cpu",
+        "limits.memory",
+    ] {
+        require(&c["resources"], field).unwrap_or_else(|e| panic!("{name}: resources{e}"));
+    }
+    let admin = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "admin")
+        .unwrap_or_else(|| panic!("{name}: no admin port"));
+    assert_eq!(admin["containerPort"], admin_port, "{name}");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{name}");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{name}");
+    for probe in ["livenessProbe", "readinessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["port"], "admin", "{name}: {probe}");
+    }
+    let pause = c["lifecycle"]["preStop"]["sleep"]["seconds"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(pause > 0, "{name}: preStop sleep");
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace > pause,
+        "{name}: grace period must outlast the preStop pause"
+    );
+
+    // A PDB that selects these pods.
+    let pdb = find(
+        base(),
+        "PodDisruptionBudget",
+        deployment["metadata"]["name"].as_str().unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        &pdb["spec"]["selector"]["matchLabels"], selector,
+        "{name}: PDB selector"
+    );
+    c
+}
+
+/// `--flag value` pairs and bare flags of a container's args.
+fn arg_value<'a>(args: &'a [&'a str], flag: &str) -> Option<&'a str> {
+    args.iter()
+        .position(|a| *a == flag)
+        .and_then(|i| args.get(i + 1).copied())
+}
+
+/// The file a `--config` path names, found through the container's mounts in the ConfigMap.
+fn config_from_mount(deployment: &Value, args: &[&str]) -> (String, String) {
+    let path = Path::new(arg_value(args, "--config").unwrap());
+    let pod = &deployment["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
+        .unwrap_or_else(|| panic!("{}: --config is not under a mount", id(deployment)));
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let key = path
+        .strip_prefix(mount["mountPath"].as_str().unwrap())
+        .unwrap()
+        .display()
+        .to_string();
+    (
+        volume["configMap"]["name"].as_str().unwrap().to_owned(),
+        key,
+    )
+}
+
+#[test]
+fn webhook_deployment_runs_serve_as_decided() {
+    let deployment = find(base(), "Deployment", "egress-webhook").unwrap();
+    let c = hardened_container(deployment, 9443);
+    assert_eq!(c["command"], json!(["/usr/local/bin/egress-webhook"]));
+    assert_eq!(
+        strings(&c["args"]),
+        [
+            "serve",
+            "--config",
+            "/etc/egress-gate/webhook.yaml",
+            "--listen",
+            "0.0.0.0:8443",
+            "--admin-listen",
+            "0.0.0.0:9443",
+            "--self-signed",
+            "--secret-name",
+            "egress-webhook-tls",
+            "--webhook-config-name",
+            "egress-gate",
+            "--service-name",
+            "egress-webhook",
+        ]
+    );
+    let env = &c["env"][0];
+    assert_eq!(env["name"], "POD_NAMESPACE");
+    assert_eq!(
+        env["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.namespace"
+    );
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["serviceAccountName"],
+        "egress-webhook"
+    );
+
+    let svc = find(base(), "Service", "egress-webhook").unwrap();
+    let port = &svc["spec"]["ports"][0];
+    assert_eq!(port["port"], 443);
+    assert_eq!(port["targetPort"], "https");
+    let https = c["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "https")
+        .unwrap();
+    assert_eq!(https["containerPort"], 8443);
+    assert_eq!(
+        svc["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+}
+
+#[test]
+fn proxy_deployment_runs_as_decided() {
+    let deployment = find(base(), "Deployment", "egress-proxy").unwrap();
+    let c = hardened_container(deployment, 9090);
+    assert_eq!(c["command"], json!(["/usr/local/bin/egress-proxy"]));
+    assert_eq!(
+        strings(&c["args"]),
+        [
+            "--config",
+            "/etc/egress-proxy/proxy.yaml",
+            "--listen",
+            "0.0.0.0:3128",
+            "--admin-listen",
+            "0.0.0.0:9090"
+        ]
+    );
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["automountServiceAccountToken"], false,
+        "the proxy never calls the API"
+    );
+    let svc = find(base(), "Service", "egress-proxy").unwrap();
+    assert_eq!(svc["spec"]["ports"][0]["port"], 3128);
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "proxy");
+    assert_eq!(
+        svc["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
+    );
+    // Draining tunnels (drainTimeout, 600 s by default) must fit in the grace period.
+    let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
+    assert!(
+        grace >= 600,
+        "grace period {grace}s is shorter than the proxy's drain"
+    );
+}
+
+#[test]
+fn mutating_webhook_configuration_is_as_decided() {
+    let mwc = find(base(), "MutatingWebhookConfiguration", "egress-gate").unwrap();
+    assert_eq!(
+        mwc["metadata"]["annotations"]["admissions.enforcer/disabled"],
+        "true"
+    );
+    let hooks = mwc["webhooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 1);
+    let w = &hooks[0];
+    assert_eq!(w["admissionReviewVersions"], json!(["v1"]));
+    assert_eq!(w["sideEffects"], "None");
+    assert_eq!(w["timeoutSeconds"], 5);
+    assert_eq!(w["reinvocationPolicy"], "IfNeeded");
+    assert_eq!(w["failurePolicy"], "Ignore");
+    assert_eq!(
+        w["clientConfig"]["service"],
+        json!({"name": "egress-webhook", "namespace": NS, "path": "/mutate", "port": 443})
+    );
+    assert!(
+        w["clientConfig"]["caBundle"].is_null(),
+        "caBundle is the webhook's to set"
+    );
+    assert_eq!(
+        w["rules"],
+        json!([{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}])
+    );
+    assert_eq!(
+        w["namespaceSelector"],
+        json!({"matchExpressions": [
+            {"key": "egress-gate.io/injection", "operator": "In", "values": ["enabled"]},
+            {"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": ["kube-system", NS]},
+        ]})
+    );
+}
+
+/// One RBAC permission: (apiGroup, resource, verb, resourceName or "*").
+type Grant = (String, String, String, String);
+
+fn grants(role: &Value) -> BTreeSet<Grant> {
+    let mut out = BTreeSet::new();
+    for rule in role["rules"].as_array().unwrap() {
+        let names = strings(&rule["resourceNames"]);
+        let names = if names.is_empty() { vec!["*"] } else { names };
+        for group in strings(&rule["apiGroups"]) {
+            for resource in strings(&rule["resources"]) {
+                for verb in strings(&rule["verbs"]) {
+                    for name in &names {
+                        out.insert((group.into(), resource.into(), verb.into(), (*name).into()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn expect(list: &[(&str, &str, &[&str], &str)]) -> BTreeSet<Grant> {
+    let mut out = BTreeSet::new();
+    for (group, resource, verbs, name) in list {
+        for verb in *verbs {
+            out.insert((
+                (*group).into(),
+                (*resource).into(),
+                (*verb).into(),
+                (*name).into(),
+            ));
+        }
+    }
+    out
+}
+
+#[test]
+fn rbac_is_exactly_what_the_webhook_calls() {
+    let docs = base();
+    let cluster = find(docs, "ClusterRole", "egress-webhook").unwrap();
+    assert_eq!(
+        grants(cluster),
+        expect(&[
+            ("", "services", &["get", "list", "watch"], "*"),
+            ("", "nodes", &["get", "list", "watch"], "*"),
+            (
+                "networking.k8s.io",
+                "servicecidrs",
+                &["get", "list", "watch"],
+                "*"
+            ),
+            (
+                "admissionregistration.k8s.io",
+                "mutatingwebhookconfigurations",
+                &["get", "patch"],
+                "egress-gate"
+            ),
+        ])
+    );
+    let role = find(docs, "Role", "egress-webhook").unwrap();
+    assert_eq!(role["metadata"]["namespace"], NS);
+    assert_eq!(
+        grants(role),
+        expect(&[
+            ("", "secrets", &["create"], "*"),
+            (
+                "",
+                "secrets",
+                &["get", "update", "patch"],
+                "egress-webhook-tls"
+            ),
+        ])
+    );
+    // The names the RBAC trusts are the names the webhook is told to use.
+    let deployment = find(docs, "Deployment", "egress-webhook").unwrap();
+    let args = strings(&deployment["spec"]["template"]["spec"]["containers"][0]["args"]);
+    assert_eq!(
+        arg_value(&args, "--secret-name"),
+        Some("egress-webhook-tls")
+    );
+    assert_eq!(
+        arg_value(&args, "--webhook-config-name"),
+        Some("egress-gate")
+    );
+
+    for (kind, role_kind) in [
+        ("ClusterRoleBinding", "ClusterRole"),
+        ("RoleBinding", "Role"),
+    ] {
+        let binding = find(docs, kind, "egress-webhook").unwrap();
+        assert_eq!(binding["roleRef"]["kind"], role_kind);
+        assert_eq!(binding["roleRef"]["name"], "egress-webhook");
+        assert_eq!(
+            binding["subjects"],
+            json!([{"kind": "ServiceAccount", "name": "egress-webhook", "namespace": NS}])
+        );
+    }
+    let roles = docs
+        .iter()
+        .filter(|d| {
+            d["kind"]
+                .as_str()
+                .is_some_and(|k| k.ends_with("Role") || k.ends_with("RoleBinding"))
+        })
+        .count();
+    assert_eq!(roles, 4, "no other roles or bindings: the proxy gets none");
+}
+
+fn config_map_file(docs: &[Value], name: &str, key: &str) -> String {
+    find(docs, "ConfigMap", name).unwrap()["data"][key]
+        .as_str()
+        .unwrap_or_else(|| panic!("ConfigMap {name} has no {key}"))
+        .to_owned()
+}
+
+#[test]
+fn configs_in_the_config_maps_load_with_the_real_loaders() {
+    let docs = base();
+    for (deployment, loader) in [("egress-webhook", "webhook"), ("egress-proxy", "proxy")] {
+        let d = find(docs, "Deployment", deployment).unwrap();
+        let args = strings(&d["spec"]["template"]["spec"]["containers"][0]["args"]);
+        let (config_map, key) = config_from_mount(d, &args);
+        let text = config_map_file(docs, &config_map, &key);
+        match loader {
+            "webhook" => {
+                let config = egress_webhook::config::Config::from_yaml(&text).unwrap();
+                assert_eq!(
+                    config.proxy_url,
+                    "http://egress-proxy.egress-gate.svc.cluster.local:3128"
+                );
+                assert!(config.discovery, "the base learns the cluster's ranges");
+            }
+            _ => {
+                let config = egress_proxy::Config::parse(&text, &key).unwrap();
+                assert!(!config.allow.is_empty());
+            }
+        }
+    }
+}
+
+#[test]
+fn envoy_gateway_terminates_connect_for_the_allowlisted_hosts() {
+    let docs = rendered("deploy/envoy-gateway");
+    let route = docs.iter().find(|d| d["kind"] == "HTTPRoute").unwrap();
+    let route_name = route["metadata"]["name"].as_str().unwrap();
+    let hostnames = strings(&route["spec"]["hostnames"]);
+    assert!(
+        hostnames
+            .iter()
+            .all(|h| h.ends_with(".blob.core.windows.net")),
+        "{hostnames:?}"
+    );
+
+    let btp = docs
+        .iter()
+        .find(|d| d["kind"] == "BackendTrafficPolicy")
+        .unwrap();
+    assert_eq!(btp["spec"]["targetRefs"][0]["kind"], "HTTPRoute");
+    assert_eq!(btp["spec"]["targetRefs"][0]["name"], route_name);
+    assert_eq!(
+        btp["spec"]["httpUpgrade"],
+        json!([{"type": "CONNECT", "connect": {"terminate": true}}])
+    );
+
+    // The route sends to a Backend for the same host, on 443.
+    let backend_ref = &route["spec"]["rules"][0]["backendRefs"][0];
+    assert_eq!(backend_ref["kind"], "Backend");
+    let backend = find(&docs, "Backend", backend_ref["name"].as_str().unwrap()).unwrap();
+    let fqdn = &backend["spec"]["endpoints"][0]["fqdn"];
+    assert_eq!(hostnames, [fqdn["hostname"].as_str().unwrap()]);
+    assert_eq!(fqdn["port"], 443);
+
+    let gateway = docs.iter().find(|d| d["kind"] == "Gateway").unwrap();
+    let listener = &gateway["spec"]["listeners"][0];
+    assert_eq!(
+        (listener["protocol"].as_str(), listener["port"].as_u64()),
+        (Some("HTTP"), Some(3128))
+    );
+    let proxy = find(
+        &docs,
+        "EnvoyProxy",
+        gateway["spec"]["infrastructure"]["parametersRef"]["name"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let service = &proxy["spec"]["provider"]["kubernetes"]["envoyService"];
+    assert_eq!(service["type"], "ClusterIP");
+
+    let ctp = docs
+        .iter()
+        .find(|d| d["kind"] == "ClientTrafficPolicy")
+        .unwrap();
+    assert_eq!(
+        ctp["spec"]["targetRefs"][0]["name"],
+        gateway["metadata"]["name"]
+    );
+    let idle = ctp["spec"]["timeout"]["http"]["streamIdleTimeout"]
+        .as_str()
+        .unwrap();
+    assert!(
+        idle.ends_with('h'),
+        "stream idle timeout {idle} must exceed Envoy's 5 minutes"
+    );
+
+    // The overlay points the webhook at that Service and drops the bundled proxy.
+    let overlay = rendered("deploy/envoy-gateway/webhook-overlay");
+    let text = config_map_file(&overlay, "egress-webhook-config", "webhook.yaml");
+    let config = egress_webhook::config::Config::from_yaml(&text).unwrap();
+    let expected = format!(
+        "http://{}.envoy-gateway-system.svc.cluster.local:{}",
+        service["name"].as_str().unwrap(),
+        listener["port"]
+    );
+    assert_eq!(config.proxy_url, expected);
+    assert!(overlay.iter().all(|d| {
+        !d["metadata"]["name"]
+            .as_str()
+            .unwrap()
+            .starts_with("egress-proxy")
+    }));
+    assert!(find(&overlay, "Deployment", "egress-webhook").is_ok());
+}
+
+#[test]
+fn network_policies_cover_the_four_flows_and_isolate_the_external_one() {
+    let cilium = rendered("deploy/netpol/cilium");
+    assert_eq!(cilium.len(), 4);
+    let dir = repo_root().join("deploy/netpol/cilium");
+    // Only the external policy's file lets traffic leave the cluster, and it holds one policy.
+    for file in manifest_files().iter().filter(|f| f.starts_with(&dir)) {
+        // Egress peers outside the cluster: names, CIDRs, or entities such as `world`.
+        let text = serde_json::to_string(&parse_file(file).unwrap()).unwrap();
+        let external = ["\"toFQDNs\"", "\"toCIDR", "\"toEntities\""]
+            .iter()
+            .any(|k| text.contains(k));
+        let is_external_file = file.ends_with("proxy-egress-external.yaml");
+        assert_eq!(external, is_external_file, "{}", file.display());
+        if is_external_file {
+            assert_eq!(parse_file(file).unwrap().len(), 1);
+        }
+    }
+    let external = find(&cilium, "CiliumNetworkPolicy", "egress-proxy-to-azure-blob").unwrap();
+    let rules = external["spec"]["egress"].as_array().unwrap();
+    let fqdns: Vec<&str> = rules
+        .iter()
+        .flat_map(|r| r["toFQDNs"].as_array().into_iter().flatten())
+        .filter_map(|f| f["matchPattern"].as_str())
+        .collect();
+    assert!(fqdns.contains(&"*.blob.core.windows.net"), "{fqdns:?}");
+    let client = find(
+        &cilium,
+        "CiliumClusterwideNetworkPolicy",
+        "egress-gate-client-to-proxy",
+    )
+    .unwrap();
+    assert_eq!(
+        client["spec"]["endpointSelector"]["matchLabels"]["egress-gate.io/client"],
+        "true"
+    );
+    assert_eq!(
+        client["spec"]["enableDefaultDeny"]["egress"], false,
+        "must not cut clients' other egress"
+    );
+    assert_eq!(
+        client["spec"]["egress"][0]["toPorts"][0]["ports"][0]["port"],
+        "3128"
+    );
+    let webhook = find(&cilium, "CiliumNetworkPolicy", "egress-webhook-ingress").unwrap();
+    assert_eq!(
+        webhook["spec"]["ingress"][0]["fromEntities"],
+        json!(["kube-apiserver"])
+    );
+
+    let plain = rendered("deploy/netpol/kubernetes");
+    let external = find(&plain, "NetworkPolicy", "egress-proxy-to-azure-blob").unwrap();
+    let to_subnet = &external["spec"]["egress"][1];
+    require(to_subnet, "to[].ipBlock.cidr").unwrap();
+    assert_eq!(to_subnet["ports"][0]["port"], 443);
+    for name in ["egress-proxy-ingress", "egress-webhook-ingress"] {
+        find(&plain, "NetworkPolicy", name).unwrap();
+    }
+}
