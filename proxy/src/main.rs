@@ -1,5 +1,184 @@
-//! `egress-proxy`: placeholder until the proxy lands.
-fn main() {
-    eprintln!("egress-proxy: not built yet");
-    std::process::exit(1);
+//! `egress-proxy`: command line only. Reads the config (exit 64 when it is unusable), starts
+//! the server, and turns signals and file changes into shutdown and reload.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use egress_proxy::config::{HumanDuration, LogFormat};
+use egress_proxy::{Config, Handle, Server, StartError};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// `EX_USAGE` from sysexits.h: the configuration is unusable.
+const EX_USAGE: u8 = 64;
+
+/// The egress-gate CONNECT proxy: tunnels TLS to allowlisted destinations only.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// YAML config file; without it the built-in defaults apply (see docs/proxy.md).
+    #[arg(long, env = "EGRESS_PROXY_CONFIG")]
+    config: Option<PathBuf>,
+    /// Overrides `listen`.
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Overrides `adminListen`.
+    #[arg(long)]
+    admin_listen: Option<SocketAddr>,
+    /// Overrides `logFormat` (text or json).
+    #[arg(long)]
+    log_format: Option<LogFormat>,
+    /// How often the config file (and TLS files) are checked for changes; SIGHUP reloads at
+    /// once. Polling, because a ConfigMap update swaps a symlink that inotify watches miss.
+    #[arg(long, default_value = "2s")]
+    watch_interval: HumanDuration,
+}
+
+impl Args {
+    /// Reads the config file (or the defaults) and applies the command-line overrides.
+    fn load(&self) -> Result<Config, egress_proxy::ConfigError> {
+        let mut config = match &self.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(l) = self.listen {
+            config.listen = l;
+        }
+        if let Some(l) = self.admin_listen {
+            config.admin_listen = l;
+        }
+        if let Some(f) = self.log_format {
+            config.log_format = f;
+        }
+        Ok(config)
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("egress-proxy: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    init_tracing(config.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("egress-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            let usage = e
+                .downcast_ref::<StartError>()
+                .is_some_and(|s| matches!(s, StartError::Tls(_)));
+            ExitCode::from(if usage { EX_USAGE } else { 1 })
+        }
+    }
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn run(args: Args, config: Config) -> anyhow::Result<()> {
+    let server = Server::bind(&config).await?;
+    tracing::info!(
+        listen = %server.proxy_addr().context("listener address")?,
+        admin = %server.admin_addr().context("admin address")?,
+        tls = ?server.tls_addr().and_then(Result::ok),
+        rules = config.allow.len(),
+        max_tunnels = config.max_tunnels,
+        "egress-proxy listening"
+    );
+    let handle = server.handle();
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let watcher = tokio::spawn(async move {
+        let mut seen = fingerprint(&args, &config);
+        let mut tick = tokio::time::interval(args.watch_interval.0.max(Duration::from_millis(100)));
+        loop {
+            tokio::select! {
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    reload(&args, &config, &handle);
+                    seen = fingerprint(&args, &config);
+                }
+                _ = tick.tick() => {
+                    let now = fingerprint(&args, &config);
+                    if now != seen {
+                        tracing::info!("configuration file changed: reloading");
+                        reload(&args, &config, &handle);
+                        seen = now;
+                    }
+                }
+                _ = term.recv() => { tracing::info!("SIGTERM: draining"); handle.shutdown(); return; }
+                _ = int.recv() => { tracing::info!("SIGINT: draining"); handle.shutdown(); return; }
+            }
+        }
+    });
+    server.run().await;
+    watcher.abort();
+    Ok(())
+}
+
+/// Loads the file again and applies it; an invalid file keeps the running settings.
+fn reload(args: &Args, running: &Config, handle: &Handle) {
+    let next = match args.load() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("reload rejected, keeping the running configuration: {e}");
+            handle.reload_failed();
+            return;
+        }
+    };
+    if next.listen != running.listen
+        || next.admin_listen != running.admin_listen
+        || next.max_tunnels != running.max_tunnels
+        || next.log_format != running.log_format
+        || next.tls.as_ref().map(|t| t.listen) != running.tls.as_ref().map(|t| t.listen)
+    {
+        tracing::warn!(
+            "listen, adminListen, tls.listen, maxTunnels and logFormat changes apply at the next restart"
+        );
+    }
+    match handle.reload(&next) {
+        Ok(()) => tracing::info!(rules = next.allow.len(), "configuration reloaded"),
+        Err(e) => tracing::error!("reload rejected, keeping the running configuration: {e}"),
+    }
+}
+
+/// The bytes of every watched file (config, TLS certificate and key), to notice changes.
+fn fingerprint(args: &Args, running: &Config) -> Vec<Vec<u8>> {
+    let mut paths: Vec<&Path> = args.config.iter().map(PathBuf::as_path).collect();
+    if let Some(t) = &running.tls {
+        paths.push(&t.cert_file);
+        paths.push(&t.key_file);
+    }
+    paths
+        .into_iter()
+        .map(|p| std::fs::read(p).unwrap_or_default())
+        .collect()
 }

@@ -1,0 +1,484 @@
+//! The proxy's configuration: one YAML file (camelCase keys), read and validated here and
+//! nowhere else. Every setting sits next to its default; an invalid file is rejected with a
+//! message that names the offending field, and the binary exits 64 (`EX_USAGE`).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// Where the proxy listens by default. Loopback, so that running the binary without a config
+/// never exposes a proxy to the network by accident; the Deployment sets `0.0.0.0:3128`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
+/// Admin port (`/healthz`, `/readyz`, `/metrics`), loopback for the same reason as above.
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
+/// The one destination family egress-gate exists for: Azure Blob Storage.
+pub const DEFAULT_ALLOW_HOST: &str = "*.blob.core.windows.net";
+/// HTTPS only: the proxy tunnels TLS, so 443 is the only port allowed unless a rule says more.
+pub const DEFAULT_PORT: u16 = 443;
+
+/// Why 10,000: each tunnel holds two descriptors; 10,000 tunnels stay under the usual
+/// container open-files limit (1 Mi hard, often 65,536 soft) with room for the rest.
+const DEFAULT_MAX_TUNNELS: usize = 10_000;
+/// A CONNECT head is one line plus a few headers (Host, User-Agent, Proxy-Authorization);
+/// 16 KiB leaves room for long tokens and still bounds what a client can make us buffer.
+const DEFAULT_MAX_HEAD_BYTES: usize = 16 * 1024;
+/// A client that has not finished its head in 10 s is broken or hostile (slowloris).
+const DEFAULT_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// Covers DNS resolution and the TCP handshake to the destination; a private endpoint in the
+/// same VNet answers in milliseconds, so 10 s only expires for a black-holed address.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Closes tunnels on which neither side has sent a byte for an hour: long enough for a
+/// pooled HTTP client between backups, short enough that leaked tunnels do not pile up.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Azure's load balancer silently drops flows idle for 4 minutes; probing every 60 s keeps
+/// both legs alive and detects dead peers well before that.
+const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Azure's load balancer idle limit: keepalive must be strictly below it.
+const KEEPALIVE_CEILING: Duration = Duration::from_secs(240);
+/// On SIGTERM open tunnels may finish for 10 minutes (a WAL segment upload or the tail of a
+/// base backup); the pod's `terminationGracePeriodSeconds` must be at least this.
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+/// Bounds on `maxHeadBytes`: below 1 KiB real clients break, above 1 MiB it is no limit.
+const HEAD_BYTES_RANGE: (usize, usize) = (1024, 1024 * 1024);
+
+/// Access-log and diagnostic output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum LogFormat {
+    /// Human-readable lines, for a terminal.
+    #[default]
+    Text,
+    /// One JSON object per line, for a log pipeline.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "text" => Ok(Self::Text),
+            "json" => Ok(Self::Json),
+            other => Err(format!("unknown log format {other:?} (text or json)")),
+        }
+    }
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Config {
+    /// Plain-TCP CONNECT listener; pods reach it through the `egress-proxy` Service.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Admin HTTP listener, kept off the proxy port so probes and scrapes never compete with
+    /// (or get mistaken for) tunnels.
+    #[serde(default = "default_admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Optional second listener speaking TLS, for clients that want the pod -> proxy leg
+    /// encrypted too (an `https://` proxy URL). Off by default: the tunnelled bytes are TLS
+    /// already and only the CONNECT line travels in clear.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// Tunnels served at once; past it clients get 503 instead of the proxy running out of
+    /// descriptors.
+    #[serde(default = "default_max_tunnels")]
+    pub max_tunnels: usize,
+    /// Largest request head accepted (431 past it).
+    #[serde(default = "default_max_head_bytes")]
+    pub max_head_bytes: usize,
+    /// Time allowed to receive the whole request head (408 past it).
+    #[serde(default = "default_head_timeout")]
+    pub head_timeout: HumanDuration,
+    /// Time allowed to resolve and connect to the destination (504 past it).
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: HumanDuration,
+    /// A tunnel on which neither direction moved a byte for this long is closed.
+    #[serde(default = "default_idle_timeout")]
+    pub idle_timeout: HumanDuration,
+    /// TCP keepalive idle time and probe interval on both legs.
+    #[serde(default = "default_keepalive")]
+    pub keepalive: HumanDuration,
+    /// How long open tunnels may continue after SIGTERM before they are cut.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout: HumanDuration,
+    /// Upper bound on a tunnel's life; none by default (base backups upload for hours).
+    #[serde(default)]
+    pub max_tunnel_duration: Option<HumanDuration>,
+    /// Log output format.
+    #[serde(default)]
+    pub log_format: LogFormat,
+    /// What may be reached. Nothing else can be: the proxy is never open.
+    #[serde(default = "default_allow")]
+    pub allow: Vec<AllowRule>,
+    /// Ranges never dialled whatever the rules say: the cluster's pod and service CIDRs.
+    #[serde(default, rename = "denyCIDRs")]
+    pub deny_cidrs: Vec<IpNet>,
+    /// Static name -> addresses overrides, used instead of DNS for these names: for clusters
+    /// without the private DNS zone, and for tests. The addresses are still checked.
+    #[serde(default)]
+    pub hosts: BTreeMap<String, Vec<IpAddr>>,
+}
+
+/// One allow rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllowRule {
+    /// Exact host name or `*.suffix`; case-insensitive, a trailing dot is ignored. Absent:
+    /// the rule allows IP-literal targets inside `cidrs`.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Destination ports.
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+    /// Private ranges this rule's names may resolve to (Azure private endpoints live in the
+    /// VNet's 10.x space); without a host, the IP literals this rule allows.
+    #[serde(default, rename = "cidrs")]
+    pub cidrs: Vec<IpNet>,
+}
+
+/// The optional TLS listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the TLS listener (the plain listener keeps running beside it).
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first. Re-read on reload (cert-manager rotates in place).
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+fn default_listen() -> SocketAddr {
+    // The constant is a valid literal; the fallback only exists to avoid a panic path.
+    DEFAULT_LISTEN
+        .parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 3128)))
+}
+fn default_admin_listen() -> SocketAddr {
+    DEFAULT_ADMIN_LISTEN
+        .parse()
+        .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 9090)))
+}
+fn default_max_tunnels() -> usize {
+    DEFAULT_MAX_TUNNELS
+}
+fn default_max_head_bytes() -> usize {
+    DEFAULT_MAX_HEAD_BYTES
+}
+fn default_head_timeout() -> HumanDuration {
+    HumanDuration(DEFAULT_HEAD_TIMEOUT)
+}
+fn default_connect_timeout() -> HumanDuration {
+    HumanDuration(DEFAULT_CONNECT_TIMEOUT)
+}
+fn default_idle_timeout() -> HumanDuration {
+    HumanDuration(DEFAULT_IDLE_TIMEOUT)
+}
+fn default_keepalive() -> HumanDuration {
+    HumanDuration(DEFAULT_KEEPALIVE)
+}
+fn default_drain_timeout() -> HumanDuration {
+    HumanDuration(DEFAULT_DRAIN_TIMEOUT)
+}
+fn default_ports() -> Vec<u16> {
+    vec![DEFAULT_PORT]
+}
+fn default_allow() -> Vec<AllowRule> {
+    vec![AllowRule {
+        host: Some(DEFAULT_ALLOW_HOST.to_owned()),
+        ports: default_ports(),
+        cidrs: Vec::new(),
+    }]
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            admin_listen: default_admin_listen(),
+            tls: None,
+            max_tunnels: DEFAULT_MAX_TUNNELS,
+            max_head_bytes: DEFAULT_MAX_HEAD_BYTES,
+            head_timeout: default_head_timeout(),
+            connect_timeout: default_connect_timeout(),
+            idle_timeout: default_idle_timeout(),
+            keepalive: default_keepalive(),
+            drain_timeout: default_drain_timeout(),
+            max_tunnel_duration: None,
+            log_format: LogFormat::Text,
+            allow: default_allow(),
+            deny_cidrs: Vec::new(),
+            hosts: BTreeMap::new(),
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML does not match the schema.
+    #[error("config file {path}: {detail}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// serde's message, prefixed with the path of the field it stopped at (for example
+        /// `allow[0].ports`) unless the message already starts with it.
+        detail: String,
+    },
+    /// A field has a value the proxy cannot use.
+    #[error("config field `{field}`: {message}")]
+    Invalid {
+        /// Path of the field, e.g. `allow[1].host`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates YAML text; `origin` names it in messages.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        // An empty file means "all defaults", which serde would otherwise reject.
+        let config: Config = if text.trim().is_empty() {
+            Config::default()
+        } else {
+            serde_path_to_error::deserialize(serde_yaml_ng::Deserializer::from_str(text)).map_err(
+                |e| {
+                    let field = e.path().to_string();
+                    let message = e.into_inner().to_string();
+                    ConfigError::Parse {
+                        path: origin.to_owned(),
+                        detail: if message.starts_with(&field) {
+                            message
+                        } else {
+                            format!("field `{field}`: {message}")
+                        },
+                    }
+                },
+            )?
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every constraint serde cannot express.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_tunnels == 0 {
+            return Err(invalid("maxTunnels", "must be at least 1"));
+        }
+        let (lo, hi) = HEAD_BYTES_RANGE;
+        if !(lo..=hi).contains(&self.max_head_bytes) {
+            return Err(invalid(
+                "maxHeadBytes",
+                format!("must be between {lo} and {hi}"),
+            ));
+        }
+        for (name, d) in [
+            ("headTimeout", self.head_timeout),
+            ("connectTimeout", self.connect_timeout),
+            ("idleTimeout", self.idle_timeout),
+            ("keepalive", self.keepalive),
+        ] {
+            if d.0.is_zero() {
+                return Err(invalid(name, "must be greater than zero"));
+            }
+        }
+        if self.keepalive.0 >= KEEPALIVE_CEILING {
+            return Err(invalid(
+                "keepalive",
+                "must be below 4m: Azure's load balancer drops flows idle for 4 minutes",
+            ));
+        }
+        if let Some(d) = self.max_tunnel_duration
+            && d.0.is_zero()
+        {
+            return Err(invalid("maxTunnelDuration", "must be greater than zero"));
+        }
+        for (i, rule) in self.allow.iter().enumerate() {
+            if let Some(host) = &rule.host {
+                crate::policy::HostPattern::parse(host)
+                    .map_err(|m| invalid(format!("allow[{i}].host"), m))?;
+            } else if rule.cidrs.is_empty() {
+                return Err(invalid(
+                    format!("allow[{i}]"),
+                    "a rule needs a host, or cidrs for IP-literal targets",
+                ));
+            }
+            if rule.ports.is_empty() {
+                return Err(invalid(format!("allow[{i}].ports"), "must not be empty"));
+            }
+            if rule.ports.contains(&0) {
+                return Err(invalid(format!("allow[{i}].ports"), "0 is not a port"));
+            }
+        }
+        for (name, addrs) in &self.hosts {
+            crate::policy::normalize_name(name).map_err(|m| invalid(format!("hosts.{name}"), m))?;
+            if addrs.is_empty() {
+                return Err(invalid(
+                    format!("hosts.{name}"),
+                    "needs at least one address",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A duration written as `500ms`, `10s`, `5m` or `1h` (or a bare number of seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration (try 500ms, 10s, 5m, 1h)"))?;
+        let d = match unit {
+            "ms" => Duration::from_millis(n),
+            "" | "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            "h" => Duration::from_secs(n.saturating_mul(3600)),
+            _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m or h)")),
+        };
+        Ok(Self(d))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Num(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Num(n) => Ok(Self(Duration::from_secs(n))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl fmt::Display for HumanDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = Config::parse("", "t").unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.allow.len(), 1);
+        assert_eq!(c.allow[0].host.as_deref(), Some(DEFAULT_ALLOW_HOST));
+        assert_eq!(c.allow[0].ports, vec![443]);
+        assert_eq!(c.idle_timeout.0, Duration::from_secs(3600));
+        assert_eq!(c.keepalive.0, Duration::from_secs(60));
+        assert_eq!(c.drain_timeout.0, Duration::from_secs(600));
+        assert!(c.max_tunnel_duration.is_none());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = Config::parse(
+            r#"
+listen: 0.0.0.0:3128
+adminListen: 0.0.0.0:9090
+maxTunnels: 5
+headTimeout: 500ms
+connectTimeout: 2s
+idleTimeout: 5m
+keepalive: 30
+drainTimeout: 1h
+logFormat: json
+allow:
+  - host: "*.blob.core.windows.net"
+    cidrs: [10.20.0.0/16]
+  - cidrs: [10.30.0.0/24]
+    ports: [443, 8443]
+denyCIDRs: [10.244.0.0/16, 10.96.0.0/12]
+hosts:
+  acct.blob.core.windows.net: [10.20.0.4]
+"#,
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.max_tunnels, 5);
+        assert_eq!(c.head_timeout.0, Duration::from_millis(500));
+        assert_eq!(c.keepalive.0, Duration::from_secs(30));
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.allow[1].ports, vec![443, 8443]);
+        assert_eq!(c.deny_cidrs.len(), 2);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse(text, "t").unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert!(err("maxTunnel: 3").contains("maxTunnel"));
+        assert!(err("maxTunnels: 0").contains("`maxTunnels`"));
+        assert!(err("keepalive: 5m").contains("`keepalive`"));
+        assert!(err("headTimeout: 0s").contains("`headTimeout`"));
+        assert!(err("headTimeout: 3 fortnights").contains("headTimeout"));
+        assert!(err("maxHeadBytes: 10").contains("`maxHeadBytes`"));
+        assert!(err("allow: [{ports: [443]}]").contains("`allow[0]`"));
+        assert!(err("allow: [{host: 'a b'}]").contains("`allow[0].host`"));
+        assert!(err("allow: [{host: '*.x.com', ports: []}]").contains("`allow[0].ports`"));
+        assert!(err("allow: [{host: 'x.com', port: [1]}]").contains("port"));
+        assert!(err("hosts: {'bad name': [127.0.0.1]}").contains("hosts.bad name"));
+        assert!(err("denyCIDRs: [10.0.0.0/33]").contains("denyCIDRs"));
+    }
+
+    #[test]
+    fn durations() {
+        let p = |s: &str| s.parse::<HumanDuration>().map(|d| d.0);
+        assert_eq!(p("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(p("7"), Ok(Duration::from_secs(7)));
+        assert_eq!(p("2h"), Ok(Duration::from_secs(7200)));
+        assert!(p("h").is_err());
+        assert!(p("-1s").is_err());
+        assert!(p("1d").is_err());
+    }
+}

@@ -1,0 +1,141 @@
+//! Every answer the proxy gives a client, in one place: status line, reason header, body.
+
+use crate::connect::{DialError, HeadError};
+use crate::policy::Denial;
+
+/// Response header carrying the machine-readable reason for any non-200 answer, so a client
+/// log (curl -v, an SDK's error) says why without access to the proxy's logs.
+pub const REASON_HEADER: &str = "X-Egress-Gate-Reason";
+
+/// The success answer. No headers: RFC 9110 says a 2xx to CONNECT has no body, and some
+/// clients (Python's http.client) choke on anything unusual here.
+pub const ESTABLISHED: &[u8] = b"HTTP/1.1 200 Connection established\r\n\r\n";
+
+/// Why a connection did not become a tunnel.
+#[derive(Debug, thiserror::Error)]
+pub enum Reject {
+    /// The head could not be read or was not an acceptable CONNECT.
+    #[error(transparent)]
+    Head(#[from] HeadError),
+    /// The policy said no.
+    #[error(transparent)]
+    Denied(#[from] Denial),
+    /// DNS or TCP to the destination failed, or timed out.
+    #[error(transparent)]
+    Dial(#[from] DialError),
+    /// `maxTunnels` tunnels are open already.
+    #[error("tunnel limit reached")]
+    AtCapacity,
+}
+
+impl Reject {
+    /// Status code as DESIGN.md section 4 lists them; `None` when there is nobody to answer.
+    pub fn status(&self) -> Option<u16> {
+        Some(match self {
+            Self::Head(HeadError::Malformed(_)) => 400,
+            Self::Head(HeadError::NotConnect(_)) => 405,
+            Self::Head(HeadError::Timeout) => 408,
+            Self::Head(HeadError::TooLarge) => 431,
+            Self::Head(HeadError::ClientGone) => return None,
+            Self::Denied(_) => 403,
+            Self::Dial(DialError::Resolve { .. } | DialError::Connect { .. }) => 502,
+            Self::Dial(DialError::Timeout(_)) => 504,
+            Self::AtCapacity => 503,
+        })
+    }
+
+    /// Stable short reason for the header, the access log and metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Head(HeadError::Malformed(_)) => "malformed-request",
+            Self::Head(HeadError::NotConnect(_)) => "method-not-allowed",
+            Self::Head(HeadError::Timeout) => "head-timeout",
+            Self::Head(HeadError::TooLarge) => "head-too-large",
+            Self::Head(HeadError::ClientGone) => "client-gone",
+            Self::Denied(d) => d.reason(),
+            Self::Dial(DialError::Resolve { .. }) => "dns-failure",
+            Self::Dial(DialError::Connect { .. }) => "connect-failure",
+            Self::Dial(DialError::Timeout(_)) => "connect-timeout",
+            Self::AtCapacity => "tunnel-limit",
+        }
+    }
+
+    /// The full HTTP response, or `None` when there is nobody to answer.
+    pub fn response(&self) -> Option<Vec<u8>> {
+        let status = self.status()?;
+        let body = match self {
+            Self::Head(HeadError::NotConnect(_)) => {
+                "This proxy only tunnels: use CONNECT host:port.\n".to_owned()
+            }
+            other => format!("{other}\n"),
+        };
+        let allow = if status == 405 {
+            "Allow: CONNECT\r\n"
+        } else {
+            ""
+        };
+        Some(
+            format!(
+                "HTTP/1.1 {status} {}\r\n{REASON_HEADER}: {}\r\n{allow}Content-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                reason_phrase(status),
+                self.reason(),
+                body.len(),
+            )
+            .into_bytes(),
+        )
+    }
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn denial_response_is_exact() {
+        let r = Reject::Denied(Denial::HostNotAllowed).response().unwrap();
+        assert_eq!(
+            String::from_utf8(r).unwrap(),
+            "HTTP/1.1 403 Forbidden\r\nX-Egress-Gate-Reason: host-not-allowed\r\n\
+             Content-Type: text/plain; charset=utf-8\r\nContent-Length: 17\r\n\
+             Connection: close\r\n\r\nhost not allowed\n"
+        );
+    }
+
+    #[test]
+    fn statuses() {
+        let s = |r: Reject| r.status();
+        assert_eq!(s(HeadError::Malformed("x").into()), Some(400));
+        assert_eq!(s(HeadError::NotConnect("GET".into()).into()), Some(405));
+        assert_eq!(s(HeadError::Timeout.into()), Some(408));
+        assert_eq!(s(HeadError::TooLarge.into()), Some(431));
+        assert_eq!(s(HeadError::ClientGone.into()), None);
+        assert_eq!(s(Reject::AtCapacity), Some(503));
+        assert_eq!(
+            s(DialError::Timeout(std::time::Duration::from_secs(1)).into()),
+            Some(504)
+        );
+        let body = Reject::Head(HeadError::NotConnect("GET".into()))
+            .response()
+            .unwrap();
+        assert!(
+            String::from_utf8(body)
+                .unwrap()
+                .contains("Allow: CONNECT\r\n")
+        );
+    }
+}

@@ -1,0 +1,200 @@
+//! One client connection, top to bottom: head, policy, connect, answer, relay, access log.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio::time::Instant;
+
+use crate::connect::{self, HeadError};
+use crate::listener::{Live, Shared};
+use crate::metrics::{CodeLabel, ReasonLabel};
+use crate::policy::Target;
+use crate::relay::{self, ClientIo, Close};
+use crate::respond::{ESTABLISHED, Reject};
+
+/// After an error answer the proxy reads and discards what the client still sends, for at
+/// most this long, so that closing with unread bytes does not turn into a TCP reset that
+/// destroys the answer before the client reads it (the "lingering close" of nginx/Apache).
+const LINGER_TIME: Duration = Duration::from_secs(2);
+/// ... and at most this many bytes.
+const LINGER_BYTES: u64 = 256 * 1024;
+/// Writing an error answer to a client that does not read must not hold a slot forever.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the access log says about one connection.
+struct Entry {
+    client: SocketAddr,
+    target: Option<Target>,
+    resolved: Option<SocketAddr>,
+}
+
+/// Serves one accepted client connection. `permit` is `None` when `maxTunnels` tunnels are
+/// open already: the client then gets 503.
+pub(crate) async fn serve<C: ClientIo>(
+    mut client: C,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+) {
+    let started = Instant::now();
+    let live = shared.live();
+    let metrics = &shared.metrics;
+    metrics.tunnels_active.inc();
+    let mut entry = Entry {
+        client: peer,
+        target: None,
+        resolved: None,
+    };
+    let outcome = if permit.is_some() {
+        establish(&mut client, &live, &shared, &mut entry).await
+    } else {
+        Err(Reject::AtCapacity)
+    };
+    match outcome {
+        Err(reject) => {
+            if let Some(answer) = reject.response() {
+                let _ =
+                    tokio::time::timeout(ANSWER_TIMEOUT, answer_and_linger(client, &answer)).await;
+            }
+            let code = reject
+                .status()
+                .map_or_else(|| "none".to_owned(), |s| s.to_string());
+            metrics.tunnels.get_or_create(&CodeLabel { code }).inc();
+            metrics
+                .denials
+                .get_or_create(&ReasonLabel {
+                    reason: reject.reason().to_owned(),
+                })
+                .inc();
+            log(&entry, reject.status(), 0, 0, started, &reject.to_string());
+        }
+        Ok((upstream, pipelined)) => {
+            metrics
+                .tunnels
+                .get_or_create(&CodeLabel { code: "200".into() })
+                .inc();
+            let stats = open(client, upstream, &pipelined, &live, &shared).await;
+            log(
+                &entry,
+                Some(200),
+                stats.up,
+                stats.down,
+                started,
+                &stats.close.reason(),
+            );
+        }
+    }
+    metrics.tunnels_active.dec();
+    // The tunnel slot is held until here, through the whole relay.
+    drop(permit);
+}
+
+/// Head, policy, connect. On success the upstream is connected and the bytes the client sent
+/// after its head are returned for forwarding.
+async fn establish<C: AsyncRead + Unpin>(
+    client: &mut C,
+    live: &Live,
+    shared: &Shared,
+    entry: &mut Entry,
+) -> Result<(TcpStream, Vec<u8>), Reject> {
+    let (req, pipelined) = tokio::time::timeout(
+        live.head_timeout,
+        connect::read_head(client, live.max_head_bytes),
+    )
+    .await
+    .map_err(|_| HeadError::Timeout)??;
+    entry.target = Some(req.target.clone());
+    let grant = live.policy.authorize(&req.target)?;
+    let t0 = Instant::now();
+    let (upstream, addr) = connect::connect(
+        &live.policy,
+        &grant,
+        &req.target,
+        live.connect_timeout,
+        live.keepalive,
+    )
+    .await??;
+    shared
+        .metrics
+        .connect_seconds
+        .observe(t0.elapsed().as_secs_f64());
+    entry.resolved = Some(addr);
+    Ok((upstream, pipelined))
+}
+
+/// Answers 200, forwards the pipelined bytes and relays until the tunnel ends.
+async fn open<C: ClientIo>(
+    mut client: C,
+    mut upstream: TcpStream,
+    pipelined: &[u8],
+    live: &Live,
+    shared: &Shared,
+) -> relay::Stats {
+    let early = |side, e: std::io::Error| relay::Stats {
+        up: 0,
+        down: 0,
+        close: Close::Error(side, e.kind()),
+    };
+    if let Err(e) = upstream.write_all(pipelined).await {
+        return early(relay::Side::Upstream, e);
+    }
+    if let Err(e) = async {
+        client.write_all(ESTABLISHED).await?;
+        client.flush().await
+    }
+    .await
+    {
+        return early(relay::Side::Client, e);
+    }
+    let mut stats = relay::relay(
+        client,
+        upstream,
+        live.relay_limits,
+        &shared.metrics.bytes,
+        shared.force_closed(),
+    )
+    .await;
+    stats.up += pipelined.len() as u64;
+    shared.metrics.bytes.up.inc_by(pipelined.len() as u64);
+    stats
+}
+
+/// Writes an error answer, half-closes, then drains what the client still sends (bounded) so
+/// the answer is not lost to a reset.
+async fn answer_and_linger<C: AsyncRead + AsyncWrite + Unpin>(
+    mut client: C,
+    answer: &[u8],
+) -> std::io::Result<()> {
+    client.write_all(answer).await?;
+    client.flush().await?;
+    client.shutdown().await?;
+    let mut sink = tokio::io::sink();
+    let _ = tokio::time::timeout(
+        LINGER_TIME,
+        tokio::io::copy(&mut (&mut client).take(LINGER_BYTES), &mut sink),
+    )
+    .await;
+    Ok(())
+}
+
+/// The access-log line: one per connection, at close.
+fn log(entry: &Entry, status: Option<u16>, up: u64, down: u64, started: Instant, reason: &str) {
+    let target = entry.target.as_ref().map(ToString::to_string);
+    let resolved = entry.resolved.map(|a| a.to_string());
+    tracing::info!(
+        target: "egress_proxy::access",
+        client = %entry.client,
+        target = target.as_deref().unwrap_or("-"),
+        resolved = resolved.as_deref().unwrap_or("-"),
+        status = status.unwrap_or(0),
+        bytes_up = up,
+        bytes_down = down,
+        duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        reason,
+        "tunnel"
+    );
+}
