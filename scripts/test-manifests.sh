@@ -62,21 +62,30 @@ log "built-in kinds valid against Kubernetes $K8S_VERSION (${#files[@]} files an
 # --- 3. configs through the real webhook binary --------------------------------------------
 "$CARGO" build --quiet -p egress-webhook --bin egress-webhook
 webhook=${CARGO_TARGET_DIR:-target}/debug/egress-webhook
-for rendered in "$OUT"/deploy_base.yaml "$OUT"/deploy_envoy-gateway_webhook-overlay.yaml; do
+checked=0
+for rendered in "$OUT"/*.yaml; do
   cfg="$OUT/$(basename "$rendered" .yaml).webhook.yaml"
-  "$VENV/bin/python" - "$rendered" "$cfg" <<'PY'
+  # Writes the ConfigMap's webhook.yaml to $cfg; exits 3 when the output has none.
+  status=0
+  "$VENV/bin/python" - "$rendered" "$cfg" <<'PY' || status=$?
 import sys, yaml
 docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 cm = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == "egress-webhook-config"]
-assert len(cm) == 1, "expected one ConfigMap egress-webhook-config"
+if not cm:
+    sys.exit(3)
+assert len(cm) == 1, "more than one ConfigMap egress-webhook-config"
 open(sys.argv[2], "w").write(cm[0]["data"]["webhook.yaml"])
 PY
+  [[ $status -eq 3 ]] && continue
+  [[ $status -eq 0 ]] || exit "$status"
   if ! "$webhook" check-config --config "$cfg" >/dev/null; then
     log "egress-webhook check-config rejected the ConfigMap in $rendered"
     exit 1
   fi
+  checked=$((checked + 1))
 done
-log "webhook ConfigMaps pass egress-webhook check-config"
+((checked >= 3)) || { log "expected the webhook ConfigMap in base and two overlays, found $checked"; exit 1; }
+log "$checked webhook ConfigMaps pass egress-webhook check-config"
 # egress-proxy has no validate-only command; its ConfigMap goes through egress_proxy::Config
 # in step 4.
 

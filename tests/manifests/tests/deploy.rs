@@ -46,6 +46,7 @@ fn every_kustomization_renders_to_well_formed_unique_objects() {
         .collect();
     for expected in [
         "deploy/base",
+        "deploy/cert-manager",
         "deploy/netpol/cilium",
         "deploy/netpol/kubernetes",
         "deploy/envoy-gateway",
@@ -116,6 +117,8 @@ fn crd_required(api_version: &str, kind: &str) -> Option<&'static [&'static str]
         ("postgresql.cnpg.io/v1", "Cluster") => &["spec.instances", "spec.storage.size"],
         ("postgresql.cnpg.io/v1", "ScheduledBackup") => &["spec.schedule", "spec.cluster.name"],
         ("barmancloud.cnpg.io/v1", "ObjectStore") => &["spec.configuration.destinationPath"],
+        ("cert-manager.io/v1", "Issuer") => &["spec"],
+        ("cert-manager.io/v1", "Certificate") => &["spec.secretName", "spec.issuerRef.name"],
         ("velero.io/v1", "BackupStorageLocation") => {
             &["spec.provider", "spec.objectStorage.bucket"]
         }
@@ -739,4 +742,59 @@ fn network_policies_cover_the_four_flows_and_isolate_the_external_one() {
     for name in ["egress-proxy-ingress", "egress-webhook-ingress"] {
         find(&plain, "NetworkPolicy", name).unwrap();
     }
+}
+
+#[test]
+fn cert_manager_overlay_serves_mounted_files_with_less_rbac() {
+    let docs = rendered("deploy/cert-manager");
+    let deployment = find(&docs, "Deployment", "egress-webhook").unwrap();
+    let pod = &deployment["spec"]["template"]["spec"];
+    let args = strings(&pod["containers"][0]["args"]);
+    assert!(!args.contains(&"--self-signed"));
+    assert_eq!(arg_value(&args, "--tls-cert"), Some("/tls/tls.crt"));
+    assert_eq!(arg_value(&args, "--tls-key"), Some("/tls/tls.key"));
+    let mount = pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["mountPath"] == "/tls")
+        .unwrap();
+    let volume = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap();
+    let secret = volume["secret"]["secretName"].as_str().unwrap();
+
+    // cert-manager writes that Secret, for the names the API server and clients use: the
+    // same names the self-signed mode puts in its certificate.
+    let serving = docs
+        .iter()
+        .find(|d| d["kind"] == "Certificate" && d["spec"]["secretName"] == secret)
+        .unwrap();
+    let identity = egress_gate_certs::ServiceIdentity::new("egress-webhook", NS);
+    assert_eq!(strings(&serving["spec"]["dnsNames"]), identity.dns_names());
+    let mwc = find(&docs, "MutatingWebhookConfiguration", "egress-gate").unwrap();
+    assert_eq!(
+        mwc["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        format!("{NS}/{}", serving["metadata"]["name"].as_str().unwrap())
+    );
+
+    // Without self-signing the webhook writes neither its Secret nor caBundle.
+    assert_eq!(
+        grants(find(&docs, "ClusterRole", "egress-webhook").unwrap()),
+        expect(&[
+            ("", "services", &["get", "list", "watch"], "*"),
+            ("", "nodes", &["get", "list", "watch"], "*"),
+            (
+                "networking.k8s.io",
+                "servicecidrs",
+                &["get", "list", "watch"],
+                "*"
+            ),
+        ])
+    );
+    assert!(find(&docs, "Role", "egress-webhook").is_err());
+    assert!(find(&docs, "RoleBinding", "egress-webhook").is_err());
 }
