@@ -5,6 +5,7 @@ set -euo pipefail
 # command -> Debian package that provides it
 declare -A wanted=(
   [curl]=curl
+  [python3]=python3 # proxy tests: http.client sends the HTTP/1.0 CONNECT barman-cloud sends
 )
 
 missing=()

@@ -93,8 +93,11 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // No tracing target in the output: the access log has a field named `target` (the
+    // CONNECT target), which the target metadata would shadow in JSON.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_target(false)
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),
