@@ -16,6 +16,7 @@
 //!
 //! Nothing here reads the clock: every decision takes `now`, so tests can stand at any time.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 pub mod bootstrap;
 pub mod bundle;

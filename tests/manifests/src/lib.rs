@@ -4,6 +4,7 @@
 //! Rendering uses `kubectl kustomize`: the `kubectl` on `PATH`, or the one that
 //! `scripts/test-manifests.sh` installs into `.venv/` where none is installed.
 #![forbid(unsafe_code)]
+#![deny(missing_docs)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

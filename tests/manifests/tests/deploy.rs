@@ -30,6 +30,40 @@ fn base() -> &'static [Value] {
     BASE.get_or_init(|| rendered("deploy/base"))
 }
 
+/// The element of the list `list` whose `key` equals `value`.
+fn item<'a>(list: &'a Value, key: &str, value: &str) -> &'a Value {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .find(|entry| entry[key] == value)
+        .unwrap_or_else(|| panic!("no entry with {key} = {value:?} in {list}"))
+}
+
+/// Checks that Service `name` selects `deployment`'s pods and sends `port` to the container
+/// port named `target`, which must be `container_port`.
+fn assert_service_fronts(
+    deployment: &Value,
+    name: &str,
+    port: u16,
+    target: &str,
+    container_port: u16,
+) {
+    let svc = find(base(), "Service", name).unwrap();
+    let svc_port = &svc["spec"]["ports"][0];
+    assert_eq!(svc_port["port"], port, "Service {name}");
+    assert_eq!(svc_port["targetPort"], target, "Service {name}");
+    assert_eq!(
+        svc["spec"]["selector"], deployment["spec"]["selector"]["matchLabels"],
+        "Service {name}"
+    );
+    let ports = &deployment["spec"]["template"]["spec"]["containers"][0]["ports"];
+    assert_eq!(
+        item(ports, "name", target)["containerPort"],
+        container_port,
+        "Service {name}"
+    );
+}
+
 fn strings(value: &Value) -> Vec<&str> {
     value
         .as_array()
@@ -265,12 +299,7 @@ fn hardened_container(deployment: &Value, admin_port: u16) -> &Value {
     ] {
         require(&c["resources"], field).unwrap_or_else(|e| panic!("{name}: resources{e}"));
     }
-    let admin = c["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "admin")
-        .unwrap_or_else(|| panic!("{name}: no admin port"));
+    let admin = item(&c["ports"], "name", "admin");
     assert_eq!(admin["containerPort"], admin_port, "{name}");
     assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz", "{name}");
     assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz", "{name}");
@@ -319,12 +348,7 @@ fn config_from_mount(deployment: &Value, args: &[&str]) -> (String, String) {
         .iter()
         .find(|m| path.starts_with(m["mountPath"].as_str().unwrap()))
         .unwrap_or_else(|| panic!("{}: --config is not under a mount", id(deployment)));
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .unwrap();
+    let volume = item(&pod["volumes"], "name", mount["name"].as_str().unwrap());
     let key = path
         .strip_prefix(mount["mountPath"].as_str().unwrap())
         .unwrap()
@@ -371,21 +395,7 @@ fn webhook_deployment_runs_serve_as_decided() {
         "egress-webhook"
     );
 
-    let svc = find(base(), "Service", "egress-webhook").unwrap();
-    let port = &svc["spec"]["ports"][0];
-    assert_eq!(port["port"], 443);
-    assert_eq!(port["targetPort"], "https");
-    let https = c["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == "https")
-        .unwrap();
-    assert_eq!(https["containerPort"], 8443);
-    assert_eq!(
-        svc["spec"]["selector"],
-        deployment["spec"]["selector"]["matchLabels"]
-    );
+    assert_service_fronts(deployment, "egress-webhook", 443, "https", 8443);
 }
 
 #[test]
@@ -409,13 +419,7 @@ fn proxy_deployment_runs_as_decided() {
         pod["automountServiceAccountToken"], false,
         "the proxy never calls the API"
     );
-    let svc = find(base(), "Service", "egress-proxy").unwrap();
-    assert_eq!(svc["spec"]["ports"][0]["port"], 3128);
-    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "proxy");
-    assert_eq!(
-        svc["spec"]["selector"],
-        deployment["spec"]["selector"]["matchLabels"]
-    );
+    assert_service_fronts(deployment, "egress-proxy", 3128, "proxy", 3128);
     // Draining tunnels (drainTimeout, 600 s by default) must fit in the grace period.
     let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap();
     assert!(
@@ -753,18 +757,8 @@ fn cert_manager_overlay_serves_mounted_files_with_less_rbac() {
     assert!(!args.contains(&"--self-signed"));
     assert_eq!(arg_value(&args, "--tls-cert"), Some("/tls/tls.crt"));
     assert_eq!(arg_value(&args, "--tls-key"), Some("/tls/tls.key"));
-    let mount = pod["containers"][0]["volumeMounts"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["mountPath"] == "/tls")
-        .unwrap();
-    let volume = pod["volumes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["name"] == mount["name"])
-        .unwrap();
+    let mount = item(&pod["containers"][0]["volumeMounts"], "mountPath", "/tls");
+    let volume = item(&pod["volumes"], "name", mount["name"].as_str().unwrap());
     let secret = volume["secret"]["secretName"].as_str().unwrap();
 
     // cert-manager writes that Secret, for the names the API server and clients use: the
