@@ -146,15 +146,7 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
         Arc::clone(&metrics),
     ));
 
-    let state = Arc::new(AppState {
-        injector: injector_rx,
-        services,
-        metrics: Arc::clone(&metrics),
-    });
-    let router = Router::new()
-        .route("/mutate", post(mutate))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state);
+    let router = admission_router(injector_rx, services, Arc::clone(&metrics));
 
     let listener = TcpListener::bind(options.listen)
         .await
@@ -300,6 +292,24 @@ fn reload_tls(options: &ServeOptions, certs: &CertStore, metrics: &Metrics) {
     }
 }
 
+/// The admission endpoint: `POST /mutate` (any query, such as `?timeout=5s`), bodies up to
+/// [`MAX_BODY_BYTES`].
+pub fn admission_router(
+    injector: watch::Receiver<Arc<Injector>>,
+    services: Arc<dyn ServiceDirectory>,
+    metrics: Arc<Metrics>,
+) -> Router {
+    let state = Arc::new(AppState {
+        injector,
+        services,
+        metrics,
+    });
+    Router::new()
+        .route("/mutate", post(mutate))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
 async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let started = Instant::now();
     let injector = Arc::clone(&state.injector.borrow());
@@ -349,8 +359,10 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await;
 }
 
-/// Accepts TLS connections until `stop` turns true, then drains them.
-async fn serve_tls(
+/// Accepts TLS connections until `stop` turns true, then drains them: in-flight requests
+/// finish, idle keep-alive connections close, HTTP/2 connections get GOAWAY, all within
+/// `grace_period`.
+pub async fn serve_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     router: Router,

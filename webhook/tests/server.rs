@@ -440,3 +440,34 @@ async fn sigterm_fails_readiness_finishes_the_review_in_flight_and_exits() {
         .expect("exits after draining");
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn discovery_without_a_reachable_cluster_falls_back_to_config_and_serves() {
+    let webhook = Webhook::start(Some("discovery: true\nserviceCIDRs: [10.0.0.0/16]\n"));
+    let mut ready = false;
+    for _ in 0..100 {
+        if webhook.admin_get("/readyz").await.0 == 200 {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "ready with configured facts only");
+    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
+    let resp = response(
+        &h2.post(review_body("d", "db", &fixture("cnpg-instance"), false))
+            .await,
+    );
+    let patch = String::from_utf8(decoded_patch(&resp)).unwrap();
+    assert!(
+        patch.contains("10.0.0.1,kubernetes,kubernetes.default,.svc"),
+        "{patch}"
+    );
+    assert!(
+        webhook
+            .logs()
+            .iter()
+            .any(|l| l.contains("no Kubernetes client")),
+        "the fallback is logged"
+    );
+}

@@ -1,0 +1,307 @@
+//! `make bench-webhook`: admission reviews per second and latency over TLS keep-alive, for a
+//! CNPG instance pod, beside a baseline measured in the same run: the same TLS and HTTP/2
+//! stack answering with a fixed, pre-built response (the cost of everything but the review).
+//!
+//! Servers run on one single-threaded runtime and the load generator on another, each on its
+//! own OS thread, so on a 2-core machine each gets about one core. Each scenario runs for
+//! `BENCH_SECONDS` (default 5; `BENCH_QUICK=1`: 1 s, one repetition) and is repeated
+//! `BENCH_RUNS` times (default 3); min, median and max are reported.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::routing::post;
+use bytes::Bytes;
+use egress_webhook::admission::{NoServices, ServiceDirectory};
+use egress_webhook::config::Config;
+use egress_webhook::engine::{ClusterFacts, Injector};
+use egress_webhook::metrics::Metrics;
+use egress_webhook::server::{admission_router, serve_tls};
+use egress_webhook::tls::{CertStore, load_pair, server_config};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+const CONNECTIONS: [usize; 4] = [1, 8, 64, 256];
+
+fn main() {
+    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    let seconds: f64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 1.0 } else { 5.0 });
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(if quick { 1 } else { 3 });
+    let duration = Duration::from_secs_f64(seconds);
+
+    // Logs as in production (one JSON line per review), written nowhere.
+    tracing_subscriber::fmt()
+        .json()
+        .with_writer(std::io::sink)
+        .with_env_filter("info")
+        .init();
+
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert_path, key_path) = test_pki(dir.path());
+    let body = review_body();
+    let config = Config::default();
+    let injector = Arc::new(Injector::new(&config, &ClusterFacts::from_config(&config)));
+    let fixed = egress_webhook::admission::review(&injector, &NoServices, &body).body;
+
+    let server_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (real_addr, baseline_addr) = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let cert_path = cert_path.clone();
+        std::thread::spawn(move || {
+            server_rt.block_on(async move {
+                let store = CertStore::new(load_pair(&cert_path, &key_path).unwrap());
+                let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(store).unwrap()));
+                let (_injector_tx, injector_rx) = watch::channel(injector);
+                let services: Arc<dyn ServiceDirectory> = Arc::new(NoServices);
+                let real = admission_router(injector_rx, services, Arc::new(Metrics::default()));
+                let fixed = Bytes::from(fixed);
+                let baseline = Router::new().route(
+                    "/mutate",
+                    post(move || {
+                        let fixed = fixed.clone();
+                        async move {
+                            (
+                                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                                fixed,
+                            )
+                        }
+                    }),
+                );
+                let (_stop_tx, stop) = watch::channel(false);
+                let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                tx.send((l1.local_addr().unwrap(), l2.local_addr().unwrap()))
+                    .unwrap();
+                tokio::join!(
+                    serve_tls(l1, tls.clone(), real, stop.clone(), Duration::from_secs(1)),
+                    serve_tls(l2, tls, baseline, stop, Duration::from_secs(1)),
+                );
+            });
+        });
+        rx.recv().unwrap()
+    };
+
+    let client_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = Bytes::from(body);
+    let mut rows = Vec::new();
+    for &conns in &CONNECTIONS {
+        let mut real = Vec::new();
+        let mut base = Vec::new();
+        for _ in 0..runs {
+            // Alternate so drift on a shared machine hits both alike.
+            base.push(client_rt.block_on(load(baseline_addr, &ca, conns, duration, body.clone())));
+            real.push(client_rt.block_on(load(real_addr, &ca, conns, duration, body.clone())));
+        }
+        rows.push((conns, summarize(&real), summarize(&base)));
+    }
+    report(&rows, seconds, runs);
+}
+
+/// One scenario's result.
+#[derive(Clone, Copy)]
+struct Sample {
+    per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+/// min, median, max of each figure over the repetitions.
+struct Summary {
+    per_second: [f64; 3],
+    p50_us: [f64; 3],
+    p99_us: [f64; 3],
+}
+
+fn spread(mut v: Vec<f64>) -> [f64; 3] {
+    v.sort_by(f64::total_cmp);
+    [v[0], v[v.len() / 2], v[v.len() - 1]]
+}
+
+fn summarize(samples: &[Sample]) -> Summary {
+    Summary {
+        per_second: spread(samples.iter().map(|s| s.per_second).collect()),
+        p50_us: spread(samples.iter().map(|s| s.p50_us).collect()),
+        p99_us: spread(samples.iter().map(|s| s.p99_us).collect()),
+    }
+}
+
+/// `conns` HTTP/2 connections, each sending one review at a time for `duration`.
+async fn load(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    conns: usize,
+    duration: Duration,
+    body: Bytes,
+) -> Sample {
+    let mut senders = Vec::new();
+    for _ in 0..conns {
+        senders.push(connect(addr, ca).await);
+    }
+    let deadline = Instant::now() + duration;
+    let started = Instant::now();
+    let tasks: Vec<_> = senders
+        .into_iter()
+        .map(|mut send| {
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while Instant::now() < deadline {
+                    let req = hyper::Request::post("/mutate?timeout=5s")
+                        .header("content-type", "application/json")
+                        .body(Full::new(body.clone()))
+                        .unwrap();
+                    let t = Instant::now();
+                    send.ready().await.unwrap();
+                    let resp = send.send_request(req).await.unwrap();
+                    assert_eq!(resp.status(), 200);
+                    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+                    assert!(bytes.len() > 100);
+                    latencies.push(t.elapsed().as_secs_f64() * 1e6);
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort_by(f64::total_cmp);
+    let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
+    Sample {
+        per_second: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+    }
+}
+
+async fn connect(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.set_nodelay(true).unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            ServerName::try_from("egress-webhook.egress-gate.svc").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+fn test_pki(
+    dir: &std::path::Path,
+) -> (
+    CertificateDer<'static>,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = CertificateParams::new(vec!["egress-webhook.egress-gate.svc".to_string()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&key, &ca).unwrap();
+    let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (ca.der().clone(), c, k)
+}
+
+fn review_body() -> Vec<u8> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/pods/cnpg-instance.json"
+    );
+    let pod: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    json!({
+        "kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
+        "request": {
+            "uid": "b3c9a1f2-0000-4000-8000-000000000000",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": "db", "operation": "CREATE", "object": pod, "dryRun": false
+        }
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn report(rows: &[(usize, Summary, Summary)], seconds: f64, runs: usize) {
+    let fmt = |s: &[f64; 3], d: usize| format!("{:.d$} ({:.d$}-{:.d$})", s[1], s[0], s[2]);
+    println!("\n## bench-webhook: CNPG instance pod review over TLS + HTTP/2 keep-alive");
+    println!("{seconds} s per run, {runs} run(s); median (min-max)\n");
+    println!(
+        "| connections | reviews/s | baseline/s | ratio | p50 us | p99 us | baseline p99 us |"
+    );
+    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    let mut json_rows = Vec::new();
+    for (conns, real, base) in rows {
+        let ratio = real.per_second[1] / base.per_second[1];
+        println!(
+            "| {conns} | {} | {} | {ratio:.2} | {} | {} | {} |",
+            fmt(&real.per_second, 0),
+            fmt(&base.per_second, 0),
+            fmt(&real.p50_us, 0),
+            fmt(&real.p99_us, 0),
+            fmt(&base.p99_us, 0)
+        );
+        json_rows.push(json!({
+            "connections": conns,
+            "reviews_per_second": {"min": real.per_second[0], "median": real.per_second[1], "max": real.per_second[2]},
+            "baseline_per_second": {"min": base.per_second[0], "median": base.per_second[1], "max": base.per_second[2]},
+            "ratio_to_baseline": ratio,
+            "p50_us": {"min": real.p50_us[0], "median": real.p50_us[1], "max": real.p50_us[2]},
+            "p99_us": {"min": real.p99_us[0], "median": real.p99_us[1], "max": real.p99_us[2]},
+            "baseline_p50_us": {"median": base.p50_us[1]},
+            "baseline_p99_us": {"min": base.p99_us[0], "median": base.p99_us[1], "max": base.p99_us[2]},
+        }));
+    }
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let doc = json!({"benchmark": "webhook", "seconds_per_run": seconds, "runs": runs, "protocol": "h2 over TLS 1.3", "rows": json_rows});
+    std::fs::write(
+        out.join("webhook.json"),
+        serde_json::to_string_pretty(&doc).unwrap(),
+    )
+    .unwrap();
+    println!("\nsaved target/bench/webhook.json");
+}
