@@ -150,6 +150,18 @@ async fn wait_true(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|v| *v).await.map(|_| ());
 }
 
+#[cfg(test)]
+pub(crate) fn test_shared(config: &Config) -> Shared {
+    Shared {
+        live: watch::Sender::new(Arc::new(Live::from_config(config).unwrap())),
+        metrics: Metrics::new(),
+        tunnels: Arc::new(Semaphore::new(1)),
+        ready: AtomicBool::new(true),
+        draining: watch::Sender::new(false),
+        force: watch::Sender::new(false),
+    }
+}
+
 /// Controls a running server from outside: reload and shutdown (signals, tests).
 #[derive(Debug, Clone)]
 pub struct Handle {
@@ -345,15 +357,10 @@ async fn accept_loop(
             match (kind, &live.tls) {
                 (Kind::Plain, _) => crate::tunnel::serve(socket, peer, permit, shared).await,
                 (Kind::Tls, Some(acceptor)) => {
-                    tls_serve(
-                        TlsAcceptor::from(acceptor.clone()),
-                        socket,
-                        peer,
-                        permit,
-                        &live,
-                        shared,
-                    )
-                    .await;
+                    // Boxed: the TLS state is large and would otherwise size every plain
+                    // tunnel's task too (what an idle tunnel costs is mostly its task).
+                    let acceptor = TlsAcceptor::from(acceptor.clone());
+                    Box::pin(tls_serve(acceptor, socket, peer, permit, &live, shared)).await;
                 }
                 (Kind::Tls, None) => {}
             }

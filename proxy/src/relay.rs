@@ -209,19 +209,12 @@ pub async fn relay<C: ClientIo>(
     stop: impl Future<Output = ()>,
 ) -> Stats {
     let tracker = Tracker::new();
-    let max_duration = async {
-        match limits.max_duration {
-            Some(d) => tokio::time::sleep(d).await,
-            None => std::future::pending().await,
-        }
-    };
     let close = tokio::select! {
         r = client.copy_both(upstream, &tracker, counters) => match r {
             Ok(()) => Close::Done,
             Err(LegError(side, e)) => Close::Error(side, e.kind()),
         },
-        () = idle(&tracker, limits.idle) => Close::Idle,
-        () = max_duration => Close::MaxDuration,
+        c = deadlines(&tracker, limits) => c,
         () = stop => Close::Drained,
     };
     Stats {
@@ -231,14 +224,20 @@ pub async fn relay<C: ClientIo>(
     }
 }
 
-/// Resolves once nothing has moved either way for `timeout`.
-async fn idle(tracker: &Tracker, timeout: Duration) {
+/// Resolves once nothing has moved either way for the idle timeout, or the tunnel has
+/// reached its maximum duration. One timer for both: a timer is a good part of what an idle
+/// tunnel costs.
+async fn deadlines(tracker: &Tracker, limits: Limits) -> Close {
+    let end = limits.max_duration.map(|d| tracker.start + d);
     loop {
-        let deadline = tracker.last_activity() + timeout;
-        if Instant::now() >= deadline {
-            return;
+        let idle_at = tracker.last_activity() + limits.idle;
+        let now = Instant::now();
+        match end {
+            Some(end) if now >= end => return Close::MaxDuration,
+            _ if now >= idle_at => return Close::Idle,
+            Some(end) => tokio::time::sleep_until(idle_at.min(end)).await,
+            None => tokio::time::sleep_until(idle_at).await,
         }
-        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -255,28 +254,67 @@ async fn pump_tcp(
     let mut cap = MIN_BUF;
     loop {
         src.readable().await.map_err(|e| LegError(src_side, e))?;
-        let mut buf: Vec<u8> = Vec::with_capacity(cap);
+        let mut buf = Pooled::take(cap);
         loop {
-            buf.clear();
-            match src.try_read_buf(&mut buf) {
+            buf.0.clear();
+            match src.try_read_buf(&mut buf.0) {
                 Ok(0) => {
                     shutdown_write(dst);
                     return Ok(());
                 }
                 Ok(n) => {
-                    write_all(dst, &buf[..n])
+                    let full = n == buf.0.capacity();
+                    write_all(dst, buf.0.get(..n).unwrap_or_default())
                         .await
                         .map_err(|e| LegError(dst_side, e))?;
                     tracker.moved(dir, n, counters);
-                    if n == buf.capacity() && cap < MAX_BUF {
+                    if full && cap < MAX_BUF {
                         cap = (cap * 2).min(MAX_BUF);
-                        buf = Vec::with_capacity(cap);
+                        buf = Pooled::take(cap);
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(LegError(src_side, e)),
             }
         }
+    }
+}
+
+/// Buffers kept per thread for reuse, per size class. Reuse avoids a malloc, and for the
+/// larger sizes an mmap plus page faults, every time a direction wakes up; the cap bounds
+/// what the process keeps when traffic stops (at most 8 x 256 KiB and a few smaller per
+/// worker thread).
+const POOL_PER_CLASS: usize = 8;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A buffer borrowed from the thread's pool; given back on drop (to whichever thread the
+/// task is on by then).
+struct Pooled(Vec<u8>);
+
+impl Pooled {
+    fn take(cap: usize) -> Self {
+        let reused = POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            let i = p.iter().position(|b| b.capacity() == cap)?;
+            Some(p.swap_remove(i))
+        });
+        Self(reused.unwrap_or_else(|| Vec::with_capacity(cap)))
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        let buf = std::mem::take(&mut self.0);
+        let cap = buf.capacity();
+        POOL.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.iter().filter(|b| b.capacity() == cap).count() < POOL_PER_CLASS {
+                p.push(buf);
+            }
+        });
     }
 }
 

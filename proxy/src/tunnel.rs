@@ -57,8 +57,9 @@ pub(crate) async fn serve<C: ClientIo>(
     match outcome {
         Err(reject) => {
             if let Some(answer) = reject.response() {
-                let _ =
-                    tokio::time::timeout(ANSWER_TIMEOUT, answer_and_linger(client, &answer)).await;
+                // Boxed: a cold path that should not size every tunnel's task.
+                let linger = Box::pin(answer_and_linger(client, &answer));
+                let _ = tokio::time::timeout(ANSWER_TIMEOUT, linger).await;
             }
             let code = reject
                 .status()
@@ -197,4 +198,23 @@ fn log(entry: &Entry, status: Option<u16>, up: u64, down: u64, started: Instant,
         reason,
         "tunnel"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    /// What an idle tunnel costs is mostly its task: the `serve` future. Boxing the cold and
+    /// short-lived parts (TLS handshake, connect, error answers) keeps it small; this guards
+    /// the 8 KiB-per-idle-tunnel budget against a future that silently grows.
+    #[tokio::test]
+    async fn a_tunnel_task_stays_small() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = l.local_addr().unwrap();
+        let c = tokio::net::TcpStream::connect(a).await.unwrap();
+        let shared = std::sync::Arc::new(crate::listener::test_shared(&crate::Config::default()));
+        let f = super::serve(c, a, None, shared);
+        let size = std::mem::size_of_val(&f);
+        assert!(size <= 3 * 1024, "serve future is {size} bytes");
+    }
 }

@@ -589,3 +589,28 @@ async fn reload_applies_to_new_tunnels_and_keeps_open_ones() {
     open.read_exact(&mut buf).await.unwrap();
     assert_eq!(&buf, b"still here");
 }
+
+#[tokio::test]
+async fn max_tunnel_duration_cuts_even_a_busy_tunnel() {
+    let (up, p) = {
+        let up = echo_upstream().await;
+        let p = proxy(&format!(
+            "maxTunnelDuration: 300ms\n{}",
+            policy(up.addr.port())
+        ))
+        .await;
+        (up, p)
+    };
+    let mut s = open_tunnel(p.addr, up.addr.port()).await;
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 1];
+    // Keep traffic flowing until the proxy cuts the tunnel.
+    loop {
+        if s.write_all(b"x").await.is_err() || s.read(&mut buf).await.unwrap_or(0) == 0 {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "never cut");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(started.elapsed() >= Duration::from_millis(250));
+}
