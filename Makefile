@@ -19,6 +19,7 @@ test: test-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace --all-targets
+	bash scripts/test-manifests.sh
 	bash scripts/demo.sh >/dev/null
 
 ## test-deps: the system packages the tests use (idempotent; skips what is present).

@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod bootstrap;
 pub mod config;
 pub mod discovery;
 pub mod engine;

@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand};
 use egress_webhook::config::Config;
 use egress_webhook::engine::{ClusterFacts, Injector};
 use egress_webhook::manifest::{InjectedObject, inject_stream};
-use egress_webhook::server::{self, ServeOptions, StartError};
+use egress_webhook::server::{self, ServeOptions, StartError, TlsSource};
 
 /// Exit code for bad input (unreadable or unparseable manifests), as the docs promise.
 const EXIT_BAD_INPUT: u8 = 2;
@@ -49,6 +49,9 @@ enum Command {
         #[arg(long)]
         diff: bool,
     },
+    /// Create a CA and a serving certificate for the webhook Service: PEM files, or a
+    /// `kubernetes.io/tls` Secret manifest plus the caBundle for the webhook configuration.
+    Certs(CertsArgs),
     /// Validate a configuration file and print the NO_PROXY it produces for a pod with no
     /// peer services.
     CheckConfig {
@@ -68,16 +71,76 @@ enum LogFormat {
 }
 
 #[derive(clap::Args)]
+struct CertsArgs {
+    /// The webhook Service's name.
+    #[arg(long, default_value = "egress-webhook")]
+    service: String,
+    /// The webhook Service's namespace.
+    #[arg(short = 'n', long, default_value = "egress-gate")]
+    namespace: String,
+    /// The cluster DNS domain.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
+    /// Extra DNS name for the certificate (repeatable).
+    #[arg(long = "dns", value_name = "NAME")]
+    dns: Vec<String>,
+    /// Extra IP address for the certificate (repeatable).
+    #[arg(long = "ip", value_name = "IP")]
+    ip: Vec<std::net::IpAddr>,
+    /// Lifetime of the serving certificate, such as 365d or 12h.
+    #[arg(long, default_value = "365d")]
+    validity: String,
+    /// Write ca.crt, tls.crt and tls.key into this directory instead of printing a Secret.
+    #[arg(long, value_name = "DIR")]
+    out_dir: Option<PathBuf>,
+    /// The Secret's name when printing a manifest.
+    #[arg(long, default_value = egress_gate_certs::bundle::DEFAULT_SECRET_NAME)]
+    secret_name: String,
+    /// Also output the CA's key (ca.key), so `serve --self-signed` can renew under this CA.
+    #[arg(long)]
+    include_ca_key: bool,
+}
+
+#[derive(clap::Args)]
 struct ServeArgs {
     /// Webhook configuration (reloaded when it changes); built-in defaults when omitted.
     #[arg(long, value_name = "CFG")]
     config: Option<PathBuf>,
     /// PEM certificate chain for the admission endpoint (reloaded when it changes).
-    #[arg(long, value_name = "PEM")]
-    tls_cert: PathBuf,
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "self_signed",
+        conflicts_with = "self_signed"
+    )]
+    tls_cert: Option<PathBuf>,
     /// PEM private key for the admission endpoint (reloaded when it changes).
-    #[arg(long, value_name = "PEM")]
-    tls_key: PathBuf,
+    #[arg(
+        long,
+        value_name = "PEM",
+        required_unless_present = "self_signed",
+        conflicts_with = "self_signed"
+    )]
+    tls_key: Option<PathBuf>,
+    /// Keep a CA and serving certificate in a Secret of the pod's namespace, renew them, and
+    /// keep the webhook configuration's caBundle in step (instead of --tls-cert/--tls-key).
+    #[arg(long)]
+    self_signed: bool,
+    /// `--self-signed`: the Secret holding the certificates.
+    #[arg(long, default_value = egress_gate_certs::bundle::DEFAULT_SECRET_NAME)]
+    secret_name: String,
+    /// `--self-signed`: the MutatingWebhookConfiguration whose caBundle is kept in step.
+    #[arg(long, default_value = "egress-gate")]
+    webhook_config_name: String,
+    /// `--self-signed`: the Service the API server calls.
+    #[arg(long, default_value = "egress-webhook")]
+    service_name: String,
+    /// `--self-signed`: the namespace of the Secret and the Service.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "egress-gate")]
+    namespace: String,
+    /// `--self-signed`: the cluster DNS domain, for the certificate's fully qualified name.
+    #[arg(long, default_value = "cluster.local")]
+    cluster_domain: String,
     /// Address of the HTTPS admission endpoint (`POST /mutate`).
     #[arg(long, default_value = "0.0.0.0:8443")]
     listen: SocketAddr,
@@ -96,6 +159,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Certs(args) => certs(args),
         Command::Inject {
             file,
             config,
@@ -150,10 +214,27 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let tls = match (args.self_signed, args.tls_cert, args.tls_key) {
+        (false, Some(cert), Some(key)) => TlsSource::Files { cert, key },
+        (true, _, _) => {
+            let mut identity =
+                egress_gate_certs::ServiceIdentity::new(args.service_name, args.namespace);
+            identity.cluster_domain = args.cluster_domain;
+            TlsSource::SelfSigned(egress_gate_certs::BootstrapParams {
+                secret_name: args.secret_name,
+                webhook_config_name: args.webhook_config_name,
+                identity,
+                policy: egress_gate_certs::CertPolicy::default(),
+            })
+        }
+        _ => {
+            eprintln!("egress-webhook: give --tls-cert and --tls-key, or --self-signed");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
     let options = ServeOptions {
         config: args.config,
-        tls_cert: args.tls_cert,
-        tls_key: args.tls_key,
+        tls,
         listen: args.listen,
         admin_listen: args.admin_listen,
         grace_period: args.grace_period,
@@ -167,6 +248,39 @@ fn serve(args: ServeArgs) -> ExitCode {
                 Some(StartError::Config(_)) => ExitCode::from(EXIT_BAD_CONFIG),
                 _ => ExitCode::FAILURE,
             }
+        }
+    }
+}
+
+fn certs(args: CertsArgs) -> ExitCode {
+    let validity = match egress_gate_certs::parse_duration(&args.validity) {
+        Ok(v) => v,
+        Err(e) => {
+            eprintln!("egress-webhook: --validity: {e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+    };
+    let mut request = egress_gate_certs::BundleRequest::new(args.service, args.namespace);
+    request.identity.cluster_domain = args.cluster_domain;
+    request.identity.extra_dns_names = args.dns;
+    request.identity.extra_ips = args.ip;
+    request.validity = validity;
+    request.include_ca_key = args.include_ca_key;
+    request.output = match args.out_dir {
+        Some(dir) => egress_gate_certs::BundleOutput::Dir(dir),
+        None => egress_gate_certs::BundleOutput::SecretManifest {
+            secret_name: args.secret_name,
+        },
+    };
+    match egress_gate_certs::write_bundle(&request, &mut std::io::stdout().lock()) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e @ egress_gate_certs::CertError::Invalid(_)) => {
+            eprintln!("egress-webhook: {e}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        Err(e) => {
+            eprintln!("egress-webhook: {e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -31,6 +31,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, NoServices, ReviewResult, ServiceDirectory};
+use crate::bootstrap;
 use crate::config::Config;
 use crate::discovery::{self, Discovered};
 use crate::engine::{ClusterFacts, Injector};
@@ -56,16 +57,29 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 pub struct ServeOptions {
     /// Configuration file; defaults when absent (then nothing is watched).
     pub config: Option<PathBuf>,
-    /// PEM certificate chain.
-    pub tls_cert: PathBuf,
-    /// PEM private key.
-    pub tls_key: PathBuf,
+    /// Where the serving certificate comes from.
+    pub tls: TlsSource,
     /// Address of the admission endpoint.
     pub listen: SocketAddr,
     /// Address of the plain-HTTP admin endpoint.
     pub admin_listen: SocketAddr,
     /// How long shutdown waits for in-flight reviews before closing connections anyway.
     pub grace_period: Duration,
+}
+
+/// Where the serving certificate comes from.
+#[derive(Clone, Debug)]
+pub enum TlsSource {
+    /// PEM files, reloaded when they change (cert-manager, a mounted Secret).
+    Files {
+        /// The certificate chain.
+        cert: PathBuf,
+        /// The private key.
+        key: PathBuf,
+    },
+    /// The webhook keeps its own CA and certificate in a Secret and the webhook
+    /// configuration's `caBundle` in step (`--self-signed`).
+    SelfSigned(egress_gate_certs::BootstrapParams),
 }
 
 /// Errors that stop `serve` before it starts serving.
@@ -78,6 +92,9 @@ pub enum StartError {
     /// The certificate or key is unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// `--self-signed` could not reach the cluster or write its certificates.
+    #[error("self-signed certificates: {0}")]
+    Bootstrap(String),
 }
 
 /// What `/readyz` reports: ready when every part is.
@@ -115,11 +132,16 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
         Some(path) => Config::load(path).map_err(StartError::from)?,
         None => Config::default(),
     };
-    let certs = CertStore::new(
-        tls::load_pair(&options.tls_cert, &options.tls_key).map_err(StartError::from)?,
-    );
-    let tls_config = tls::server_config(Arc::clone(&certs)).map_err(StartError::from)?;
     let metrics = Arc::new(Metrics::default());
+    let certs = match &options.tls {
+        TlsSource::Files { cert, key } => {
+            CertStore::new(tls::load_pair(cert, key).map_err(StartError::from)?)
+        }
+        TlsSource::SelfSigned(params) => {
+            start_self_signed(params.clone(), Arc::clone(&metrics)).await?
+        }
+    };
+    let tls_config = tls::server_config(Arc::clone(&certs)).map_err(StartError::from)?;
     let readiness = Arc::new(Readiness::default());
 
     let (services, discovered): (Arc<dyn ServiceDirectory>, watch::Receiver<Discovered>) =
@@ -195,6 +217,64 @@ fn readiness_follow(mut synced: watch::Receiver<bool>, readiness: Arc<Readiness>
     });
 }
 
+/// `--self-signed`: ensures the certificates once (failing the start if that is impossible),
+/// then keeps them fresh in the background, swapping renewed ones in.
+async fn start_self_signed(
+    params: egress_gate_certs::BootstrapParams,
+    metrics: Arc<Metrics>,
+) -> Result<Arc<CertStore>, StartError> {
+    let client = kube::Client::try_default()
+        .await
+        .map_err(|e| StartError::Bootstrap(format!("no Kubernetes client: {e}")))?;
+    let store = bootstrap::KubeStore::new(client, &params.identity.namespace);
+    let material = bootstrap::ensure(&store, &params)
+        .await
+        .map_err(|e| StartError::Bootstrap(e.to_string()))?;
+    info!(secret = ?material.secret, ca_bundle = ?material.bundle, "serving certificate ready");
+    let certs = CertStore::new(material_pair(&material)?);
+    let renewing = Arc::clone(&certs);
+    tokio::spawn(async move {
+        let mut wait = bootstrap::next_wait(&material, std::time::SystemTime::now());
+        loop {
+            tokio::time::sleep(wait).await;
+            match bootstrap::ensure(&store, &params).await {
+                Ok(material) => match material_pair(&material) {
+                    Ok(pair) => {
+                        renewing.replace(pair);
+                        Metrics::reload(&metrics.tls_reloads, true);
+                        debug!(secret = ?material.secret, ca_bundle = ?material.bundle, "certificates checked");
+                        wait = bootstrap::next_wait(&material, std::time::SystemTime::now());
+                    }
+                    Err(e) => {
+                        Metrics::reload(&metrics.tls_reloads, false);
+                        warn!(error = %e, "certificate from the Secret rejected; the previous one stays");
+                        wait = bootstrap::RETRY_INTERVAL;
+                    }
+                },
+                Err(e) => {
+                    Metrics::reload(&metrics.tls_reloads, false);
+                    warn!(error = %e, "certificate check failed; retrying");
+                    wait = bootstrap::RETRY_INTERVAL;
+                }
+            }
+        }
+    });
+    Ok(certs)
+}
+
+fn material_pair(
+    material: &egress_gate_certs::ServingMaterial,
+) -> Result<rustls::sign::CertifiedKey, StartError> {
+    let secret = std::path::Path::new("Secret tls.crt");
+    let key = std::path::Path::new("Secret tls.key");
+    Ok(tls::pair_from_pem(
+        material.cert_pem.as_bytes(),
+        material.key_pem.as_bytes(),
+        secret,
+        key,
+    )?)
+}
+
 /// The engine for a configuration and what discovery found.
 fn build_injector(config: &Config, discovered: &Discovered) -> Injector {
     let facts: ClusterFacts = discovered.merge_into(ClusterFacts::from_config(config));
@@ -212,7 +292,10 @@ async fn keep_current(
     certs: Arc<CertStore>,
     metrics: Arc<Metrics>,
 ) {
-    let mut files = vec![options.tls_cert.as_path(), options.tls_key.as_path()];
+    let mut files = Vec::new();
+    if let TlsSource::Files { cert, key } = &options.tls {
+        files.extend([cert.as_path(), key.as_path()]);
+    }
     if let Some(path) = &options.config {
         files.push(path.as_path());
     }
@@ -277,7 +360,10 @@ async fn keep_current(
 }
 
 fn reload_tls(options: &ServeOptions, certs: &CertStore, metrics: &Metrics) {
-    match tls::load_pair(&options.tls_cert, &options.tls_key) {
+    let TlsSource::Files { cert, key } = &options.tls else {
+        return;
+    };
+    match tls::load_pair(cert, key) {
         Ok(pair) => {
             certs.replace(pair);
             Metrics::reload(&metrics.tls_reloads, true);

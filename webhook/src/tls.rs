@@ -45,30 +45,44 @@ pub enum TlsError {
 
 /// Loads a certificate chain and its key from PEM files and checks that they belong together.
 pub fn load_pair(cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
-        .and_then(|iter| iter.collect::<Result<_, _>>())
-        .map_err(|e| TlsError::Certificate {
-            path: cert.to_path_buf(),
-            message: e.to_string(),
-        })?;
+    let cert_pem = std::fs::read(cert).map_err(|e| TlsError::Certificate {
+        path: cert.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    let key_pem = std::fs::read(key).map_err(|e| TlsError::Key {
+        path: key.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    pair_from_pem(&cert_pem, &key_pem, cert, key)
+}
+
+/// Builds a pair from PEM text; `cert_name` and `key_name` say where it came from in errors.
+pub fn pair_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_name: &Path,
+    key_name: &Path,
+) -> Result<CertifiedKey, TlsError> {
+    let cert_error = |message: String| TlsError::Certificate {
+        path: cert_name.to_path_buf(),
+        message,
+    };
+    let key_error = |message: String| TlsError::Key {
+        path: key_name.to_path_buf(),
+        message,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert_pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| cert_error(e.to_string()))?;
     if chain.is_empty() {
-        return Err(TlsError::Certificate {
-            path: cert.to_path_buf(),
-            message: "no PEM certificate found".into(),
-        });
+        return Err(cert_error("no PEM certificate found".into()));
     }
-    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        message: e.to_string(),
-    })?;
-    let signing = ring::sign::any_supported_type(&der).map_err(|e| TlsError::Key {
-        path: key.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| key_error(e.to_string()))?;
+    let signing = ring::sign::any_supported_type(&der).map_err(|e| key_error(e.to_string()))?;
     let certified = CertifiedKey::new(chain, signing);
     certified.keys_match().map_err(|_| TlsError::Mismatch {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
+        cert: cert_name.to_path_buf(),
+        key: key_name.to_path_buf(),
     })?;
     Ok(certified)
 }

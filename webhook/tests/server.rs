@@ -471,3 +471,49 @@ async fn discovery_without_a_reachable_cluster_falls_back_to_config_and_serves()
         "the fallback is logged"
     );
 }
+
+#[test]
+fn self_signed_without_a_cluster_stops_with_a_clear_message() {
+    let home = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_egress-webhook"))
+        .args([
+            "serve",
+            "--self-signed",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+        .env("HOME", home.path())
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("self-signed certificates: no Kubernetes client"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn invalid_config_stops_serve_with_exit_64_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("webhook.yaml");
+    std::fs::write(&config, "podCIDRs: [10.244.0.0/33]\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_egress-webhook"))
+        .args([
+            "serve",
+            "--tls-cert",
+            "/nonexistent",
+            "--tls-key",
+            "/nonexistent",
+            "--config",
+        ])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("podCIDRs[0]"));
+}
