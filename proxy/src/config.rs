@@ -44,6 +44,8 @@ const KEEPALIVE_CEILING: Duration = Duration::from_secs(240);
 /// On SIGTERM open tunnels may finish for 10 minutes (a WAL segment upload or the tail of a
 /// base backup); the pod's `terminationGracePeriodSeconds` must be at least this.
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+/// splice(2) for bulk directions; see docs/performance.md for the measurement behind it.
+const DEFAULT_SPLICE: bool = true;
 /// Bounds on `maxHeadBytes`: below 1 KiB real clients break, above 1 MiB it is no limit.
 const HEAD_BYTES_RANGE: (usize, usize) = (1024, 1024 * 1024);
 
@@ -113,6 +115,14 @@ pub struct Config {
     /// Log output format.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Relay bulk data with splice(2) (kernel to kernel, no copy through the proxy's memory)
+    /// once a direction shows bulk traffic. Off: always copy through a buffer.
+    #[serde(default = "default_splice")]
+    pub splice: bool,
+    /// Runtime worker threads; absent: one per CPU the process may use. Fewer threads mean
+    /// fewer cross-thread wake-ups per tunnel (lower latency), more mean more parallel copying.
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
     /// What may be reached. Nothing else can be: the proxy is never open.
     #[serde(default = "default_allow")]
     pub allow: Vec<AllowRule>,
@@ -186,6 +196,9 @@ fn default_keepalive() -> HumanDuration {
 fn default_drain_timeout() -> HumanDuration {
     HumanDuration(DEFAULT_DRAIN_TIMEOUT)
 }
+fn default_splice() -> bool {
+    DEFAULT_SPLICE
+}
 fn default_ports() -> Vec<u16> {
     vec![DEFAULT_PORT]
 }
@@ -212,6 +225,8 @@ impl Default for Config {
             drain_timeout: default_drain_timeout(),
             max_tunnel_duration: None,
             log_format: LogFormat::Text,
+            worker_threads: None,
+            splice: default_splice(),
             allow: default_allow(),
             deny_cidrs: Vec::new(),
             hosts: BTreeMap::new(),
@@ -318,6 +333,9 @@ impl Config {
                 "keepalive",
                 "must be below 4m: Azure's load balancer drops flows idle for 4 minutes",
             ));
+        }
+        if self.worker_threads == Some(0) {
+            return Err(invalid("workerThreads", "must be at least 1"));
         }
         if let Some(d) = self.max_tunnel_duration
             && d.0.is_zero()

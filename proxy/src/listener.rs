@@ -83,6 +83,7 @@ impl Live {
             relay_limits: relay::Limits {
                 idle: c.idle_timeout.0,
                 max_duration: c.max_tunnel_duration.map(|d| d.0),
+                splice: c.splice,
             },
             drain_timeout: c.drain_timeout.0,
             tls,

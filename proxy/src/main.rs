@@ -68,10 +68,11 @@ fn main() -> ExitCode {
         }
     };
     init_tracing(config.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = config.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("egress-proxy: cannot start the runtime: {e}");
@@ -161,10 +162,11 @@ fn reload(args: &Args, running: &Config, handle: &Handle) {
         || next.admin_listen != running.admin_listen
         || next.max_tunnels != running.max_tunnels
         || next.log_format != running.log_format
+        || next.worker_threads != running.worker_threads
         || next.tls.as_ref().map(|t| t.listen) != running.tls.as_ref().map(|t| t.listen)
     {
         tracing::warn!(
-            "listen, adminListen, tls.listen, maxTunnels and logFormat changes apply at the next restart"
+            "listen, adminListen, tls.listen, maxTunnels, logFormat and workerThreads changes apply at the next restart"
         );
     }
     match handle.reload(&next) {

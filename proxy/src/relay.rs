@@ -84,6 +84,8 @@ pub struct Limits {
     pub idle: Duration,
     /// Closed after this long whatever happens; `None` = no limit.
     pub max_duration: Option<Duration>,
+    /// Move bulk data with splice(2) through a pipe instead of copying it through a buffer.
+    pub splice: bool,
 }
 
 /// Process-wide byte counters (the `bytes_total` metric), updated as bytes move so that a
@@ -169,6 +171,7 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {
         upstream: TcpStream,
         tracker: &Tracker,
         counters: &ByteCounters,
+        splice: bool,
     ) -> impl Future<Output = Result<(), LegError>> + Send;
 }
 
@@ -178,9 +181,10 @@ impl ClientIo for TcpStream {
         upstream: TcpStream,
         tracker: &Tracker,
         counters: &ByteCounters,
+        splice: bool,
     ) -> Result<(), LegError> {
-        let up = pump_tcp(&self, &upstream, Dir::Up, tracker, counters);
-        let down = pump_tcp(&upstream, &self, Dir::Down, tracker, counters);
+        let up = pump_tcp(&self, &upstream, Dir::Up, tracker, counters, splice);
+        let down = pump_tcp(&upstream, &self, Dir::Down, tracker, counters, splice);
         tokio::try_join!(up, down).map(|_| ())
     }
 }
@@ -191,6 +195,7 @@ impl ClientIo for tokio_rustls::server::TlsStream<TcpStream> {
         mut upstream: TcpStream,
         tracker: &Tracker,
         counters: &ByteCounters,
+        _splice: bool,
     ) -> Result<(), LegError> {
         let (client_r, client_w) = tokio::io::split(self);
         let (upstream_r, upstream_w) = upstream.split();
@@ -210,7 +215,7 @@ pub async fn relay<C: ClientIo>(
 ) -> Stats {
     let tracker = Tracker::new();
     let close = tokio::select! {
-        r = client.copy_both(upstream, &tracker, counters) => match r {
+        r = client.copy_both(upstream, &tracker, counters, limits.splice) => match r {
             Ok(()) => Close::Done,
             Err(LegError(side, e)) => Close::Error(side, e.kind()),
         },
@@ -249,10 +254,15 @@ async fn pump_tcp(
     dir: Dir,
     tracker: &Tracker,
     counters: &ByteCounters,
+    splice: bool,
 ) -> Result<(), LegError> {
     let (src_side, dst_side) = dir.sides();
     let mut cap = MIN_BUF;
     loop {
+        if splice && cap > MIN_BUF {
+            // A read has filled a buffer: this direction carries bulk data.
+            return splice_pump(src, dst, dir, tracker, counters).await;
+        }
         src.readable().await.map_err(|e| LegError(src_side, e))?;
         let mut buf = Pooled::take(cap);
         loop {
@@ -315,6 +325,114 @@ impl Drop for Pooled {
                 p.push(buf);
             }
         });
+    }
+}
+
+/// Pipe capacity for splice: as much as one wake-up of a busy loopback or LAN socket holds.
+const PIPE_SIZE: i32 = 1 << 20;
+
+/// One direction with splice(2): socket -> pipe -> socket, no copy through user space. Like
+/// the buffer path, a pipe is borrowed from a per-thread pool only while bytes move.
+async fn splice_pump(
+    src: &TcpStream,
+    dst: &TcpStream,
+    dir: Dir,
+    tracker: &Tracker,
+    counters: &ByteCounters,
+) -> Result<(), LegError> {
+    use nix::fcntl::{SpliceFFlags, splice};
+    use tokio::io::Interest;
+    let (src_side, dst_side) = dir.sides();
+    let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
+    loop {
+        src.readable().await.map_err(|e| LegError(src_side, e))?;
+        let pipe = PooledPipe::take().map_err(|e| LegError(src_side, e))?;
+        let (pipe_r, pipe_w) = pipe.ends().map_err(|e| LegError(src_side, e))?;
+        loop {
+            let read = src.try_io(Interest::READABLE, || {
+                splice(src, None, pipe_w, None, PIPE_SIZE as usize, flags).map_err(io::Error::from)
+            });
+            let n = match read {
+                Ok(0) => {
+                    shutdown_write(dst);
+                    return Ok(());
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(LegError(src_side, e)),
+            };
+            pipe.dirty.set(true);
+            let mut left = n;
+            while left > 0 {
+                let wrote = dst.try_io(Interest::WRITABLE, || {
+                    splice(pipe_r, None, dst, None, left, flags).map_err(io::Error::from)
+                });
+                match wrote {
+                    Ok(0) => return Err(LegError(dst_side, io::ErrorKind::WriteZero.into())),
+                    Ok(m) => left -= m,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        dst.writable().await.map_err(|e| LegError(dst_side, e))?;
+                    }
+                    Err(e) => return Err(LegError(dst_side, e)),
+                }
+            }
+            pipe.dirty.set(false);
+            tracker.moved(dir, n, counters);
+        }
+    }
+}
+
+thread_local! {
+    static PIPES: std::cell::RefCell<Vec<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A pipe borrowed from the thread's pool; returned on drop only if empty (`dirty` false).
+struct PooledPipe {
+    /// Read end and write end; `None` only while being dropped.
+    fds: Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>,
+    /// Bytes are in the pipe (a Cell: the ends stay borrowed while it changes).
+    dirty: std::cell::Cell<bool>,
+}
+
+impl PooledPipe {
+    fn take() -> io::Result<Self> {
+        if let Some(fds) = PIPES.with(|p| p.borrow_mut().pop()) {
+            return Ok(Self {
+                fds: Some(fds),
+                dirty: std::cell::Cell::new(false),
+            });
+        }
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        let (r, w) = nix::unistd::pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC)?;
+        // A larger pipe moves more per syscall; if the system limit refuses, 64 KiB works.
+        let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+        Ok(Self {
+            fds: Some((r, w)),
+            dirty: std::cell::Cell::new(false),
+        })
+    }
+
+    fn ends(&self) -> io::Result<(std::os::fd::BorrowedFd<'_>, std::os::fd::BorrowedFd<'_>)> {
+        use std::os::fd::AsFd;
+        self.fds
+            .as_ref()
+            .map(|(r, w)| (r.as_fd(), w.as_fd()))
+            .ok_or_else(|| io::Error::other("pipe already returned"))
+    }
+}
+
+impl Drop for PooledPipe {
+    fn drop(&mut self) {
+        // A pipe with bytes left in it is closed, which discards them; an empty one is kept.
+        if let (false, Some(fds)) = (self.dirty.get(), self.fds.take()) {
+            PIPES.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_PER_CLASS {
+                    p.push(fds);
+                }
+            });
+        }
     }
 }
 

@@ -614,3 +614,36 @@ async fn max_tunnel_duration_cuts_even_a_busy_tunnel() {
     }
     assert!(started.elapsed() >= Duration::from_millis(250));
 }
+
+#[tokio::test]
+async fn bulk_bytes_arrive_intact_with_and_without_splice() {
+    for splice in [true, false] {
+        let up = echo_upstream().await;
+        let p = proxy(&format!("splice: {splice}\n{}", policy(up.addr.port()))).await;
+        let s = open_tunnel(p.addr, up.addr.port()).await;
+        let (mut r, mut w) = s.into_split();
+        // 8 MiB of a pattern that would show any reordering, loss or duplication.
+        let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+        let expected = data.clone();
+        let writer = tokio::spawn(async move {
+            w.write_all(&data).await.unwrap();
+            w.shutdown().await.unwrap();
+        });
+        let mut back = Vec::new();
+        tokio::time::timeout(WAIT, r.read_to_end(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        writer.await.unwrap();
+        assert!(
+            back == expected,
+            "splice {splice}: {} bytes back",
+            back.len()
+        );
+        eventually("bytes counted", || async {
+            metric(p.admin, "egress_proxy_bytes_total{direction=\"down\"}").await
+                == (8u32 << 20) as f64
+        })
+        .await;
+    }
+}
