@@ -123,15 +123,20 @@ fn normalise_dns(name: &str) -> String {
     name.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
-fn validate_label(setting: &str, label: &str) -> Result<(), CertError> {
-    let ok = !label.is_empty()
+/// Whether `label` is an RFC 1123 DNS label as Kubernetes names use them: 1 to 63
+/// lower-case letters, digits or `-`, not starting or ending with `-`.
+pub fn is_dns_label(label: &str) -> bool {
+    !label.is_empty()
         && label.len() <= 63
         && label
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !label.starts_with('-')
-        && !label.ends_with('-');
-    if ok {
+        && !label.ends_with('-')
+}
+
+fn validate_label(setting: &str, label: &str) -> Result<(), CertError> {
+    if is_dns_label(label) {
         Ok(())
     } else {
         Err(CertError::Invalid(format!(

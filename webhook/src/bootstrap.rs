@@ -44,6 +44,16 @@ impl KubeStore {
     }
 }
 
+impl KubeStore {
+    async fn webhook_config(&self, name: &str) -> Result<MutatingWebhookConfiguration, StoreError> {
+        self.configs
+            .get_opt(name)
+            .await
+            .map_err(map_error)?
+            .ok_or(StoreError::NotFound)
+    }
+}
+
 fn map_error(e: kube::Error) -> StoreError {
     match e {
         kube::Error::Api(status) if status.is_already_exists() => StoreError::AlreadyExists,

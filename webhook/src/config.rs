@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use egress_gate_certs::pki::is_dns_label;
+
 use crate::engine::profile::{PeerTemplate, Profile};
 use crate::engine::selector::{LabelSelector, validate_key};
 
@@ -325,18 +327,9 @@ fn annotation_key(key: &str, given: Option<String>, default: &str) -> Result<Str
 
 /// Longest DNS name.
 const MAX_DNS_NAME: usize = 253;
-/// Longest DNS label (one dot-separated part), also the limit for profile names.
-const MAX_DNS_LABEL: usize = 63;
 
 fn validate_dns_label(label: &str) -> Result<(), String> {
-    let ok = !label.is_empty()
-        && label.len() <= MAX_DNS_LABEL
-        && label
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !label.starts_with('-')
-        && !label.ends_with('-');
-    if ok {
+    if is_dns_label(label) {
         Ok(())
     } else {
         Err(format!(
@@ -345,23 +338,16 @@ fn validate_dns_label(label: &str) -> Result<(), String> {
     }
 }
 
+/// A DNS name, compared case-insensitively as DNS does.
 fn validate_dns_name(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > MAX_DNS_NAME {
+    let lower = name.to_ascii_lowercase();
+    if lower.is_empty() || lower.len() > MAX_DNS_NAME {
         return Err(format!("{name:?} is not a DNS name"));
     }
-    for label in name.split('.') {
-        let ok = !label.is_empty()
-            && label.len() <= MAX_DNS_LABEL
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-            && !label.starts_with('-')
-            && !label.ends_with('-');
-        if !ok {
-            return Err(format!("{name:?} is not a DNS name (bad part {label:?})"));
-        }
+    match lower.split('.').find(|label| !is_dns_label(label)) {
+        Some(label) => Err(format!("{name:?} is not a DNS name (bad part {label:?})")),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// A hostname or an IP address (no scheme, no port): what NO_PROXY can match.
