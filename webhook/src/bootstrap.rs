@@ -132,12 +132,7 @@ impl ClusterStore for KubeStore {
     }
 
     async fn get_ca_bundle(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        let config = self
-            .configs
-            .get_opt(name)
-            .await
-            .map_err(map_error)?
-            .ok_or(StoreError::NotFound)?;
+        let config = self.webhook_config(name).await?;
         let bundles: Vec<Option<Vec<u8>>> = config
             .webhooks
             .unwrap_or_default()
@@ -153,12 +148,7 @@ impl ClusterStore for KubeStore {
     }
 
     async fn patch_ca_bundle(&self, name: &str, bundle: &[u8]) -> Result<(), StoreError> {
-        let config = self
-            .configs
-            .get_opt(name)
-            .await
-            .map_err(map_error)?
-            .ok_or(StoreError::NotFound)?;
+        let config = self.webhook_config(name).await?;
         let encoded = serde_json::to_value(ByteString(bundle.to_vec()))
             .map_err(|e| StoreError::Other(Box::new(e)))?;
         // Strategic merge on the webhooks list (merge key `name`) touches only caBundle.
