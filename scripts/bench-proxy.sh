@@ -48,12 +48,14 @@ sink=$(awk '/listening/ {print $2}' "$out/sink.out")
 sink_port=${sink#*:}
 host=acct.blob.core.windows.net
 
-# egress-proxy, with its access log on (as deployed).
+# egress-proxy as deployed: access log on, and one worker thread, which is what the
+# runtime picks under the bundled Deployment's 1-CPU limit (override: PROXY_WORKERS=2).
 proxy_port=$(free_port)
 cat >"$out/egress-proxy.yaml" <<YAML
 listen: 127.0.0.1:$proxy_port
 adminListen: 127.0.0.1:$(free_port)
 maxTunnels: 20000
+workerThreads: ${PROXY_WORKERS:-1}
 allow:
   - host: $host
     ports: [$sink_port]

@@ -459,6 +459,24 @@ fn report(inputs: &[PathBuf], out: &PathBuf, missing: &[String]) -> anyhow::Resu
             entry.entry(k).or_default().push(v);
         }
     }
+    // Ratios are taken run by run (run i of egress-proxy against run i of the baseline,
+    // measured moments apart), then summarised: on a shared machine the background load
+    // drifts between runs, and a ratio of medians would mix different moments.
+    let per_run_ratio = |key: &str, base: &str| -> Option<f64> {
+        let ours = by_name.get("egress-proxy")?.get(key)?;
+        let theirs = by_name.get(base)?.get(key)?;
+        let r: Vec<f64> = ours
+            .iter()
+            .zip(theirs)
+            .filter(|(_, b)| **b != 0.0)
+            .map(|(a, b)| a / b)
+            .collect();
+        (!r.is_empty()).then(|| spread(r).median)
+    };
+    let ratio_table: BTreeMap<&str, (Option<f64>, Option<f64>)> = ROWS
+        .iter()
+        .map(|(k, _, _)| (*k, (per_run_ratio(k, "direct"), per_run_ratio(k, "envoy"))))
+        .collect();
     let spreads: BTreeMap<String, BTreeMap<String, Spread>> = by_name
         .into_iter()
         .map(|(n, figs)| (n, figs.into_iter().map(|(k, v)| (k, spread(v))).collect()))
@@ -466,7 +484,7 @@ fn report(inputs: &[PathBuf], out: &PathBuf, missing: &[String]) -> anyhow::Resu
     let median =
         |name: &str, key: &str| spreads.get(name).and_then(|f| f.get(key)).map(|s| s.median);
     let mut table = String::from(
-        "| figure | direct | egress-proxy (min / median / max) | envoy | egress-proxy / direct | egress-proxy / envoy |\n|---|---|---|---|---|---|\n",
+        "| figure | direct (median) | egress-proxy (min / median / max) | envoy (median) | egress-proxy / direct | egress-proxy / envoy |\n|---|---|---|---|---|---|\n",
     );
     let fmt = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.2}"));
     let mut ratios = BTreeMap::new();
@@ -477,12 +495,7 @@ fn report(inputs: &[PathBuf], out: &PathBuf, missing: &[String]) -> anyhow::Resu
         });
         let d = median("direct", key);
         let e = median("envoy", key);
-        let o = ours.map(|s| s.median);
-        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-            (Some(a), Some(b)) if b != 0.0 => Some(a / b),
-            _ => None,
-        };
-        let (rd, re) = (ratio(o, d), ratio(o, e));
+        let (rd, re) = ratio_table.get(key).copied().unwrap_or((None, None));
         ratios.insert(
             key.to_string(),
             serde_json::json!({"vs_direct": rd, "vs_envoy": re}),
@@ -503,7 +516,7 @@ fn report(inputs: &[PathBuf], out: &PathBuf, missing: &[String]) -> anyhow::Resu
     println!("{table}");
     let json = serde_json::json!({
         "results": spreads,
-        "ratios_of_medians": ratios,
+        "ratios_median_of_per_run": ratios,
         "missing": missing,
         "table_markdown": table,
     });
