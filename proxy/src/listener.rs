@@ -119,12 +119,18 @@ fn load_tls(t: &crate::config::TlsConfig) -> Result<Arc<rustls::ServerConfig>, S
 /// State every connection task shares.
 #[derive(Debug)]
 pub struct Shared {
+    /// The current reloadable settings; a watch channel so reload is one atomic swap and a
+    /// connection reads it without locking for longer than an `Arc` clone.
     live: watch::Sender<Arc<Live>>,
     /// Metrics.
     pub metrics: Metrics,
+    /// `maxTunnels` permits; a connection that gets none is answered 503.
     tunnels: Arc<Semaphore>,
+    /// What `/readyz` reports; false from the first moment of a drain.
     ready: AtomicBool,
+    /// Set on shutdown: the accept loops stop.
     draining: watch::Sender<bool>,
+    /// Set when the drain deadline passes: open tunnels are cut.
     force: watch::Sender<bool>,
 }
 
@@ -209,10 +215,15 @@ impl Handle {
 /// A bound, not yet running proxy.
 #[derive(Debug)]
 pub struct Server {
+    /// The plain CONNECT listener.
     plain: TcpListener,
+    /// The TLS CONNECT listener, when configured.
     tls: Option<TcpListener>,
+    /// The admin listener.
     admin: TcpListener,
+    /// State shared with every connection.
     shared: Arc<Shared>,
+    /// `maxTunnels`, to size the accept slots.
     max_tunnels: usize,
 }
 
@@ -313,7 +324,9 @@ impl Server {
 /// Which listener a connection came in on.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
+    /// CONNECT over plain TCP.
     Plain,
+    /// CONNECT inside TLS (the client speaks TLS to the proxy first).
     Tls,
 }
 

@@ -152,8 +152,11 @@ impl HostPattern {
 
 #[derive(Debug, Clone)]
 struct Rule {
+    /// Names this rule allows; `None`: IP literals inside `cidrs`.
     host: Option<HostPattern>,
+    /// Destination ports.
     ports: Vec<u16>,
+    /// Ranges that lift the default deny for this rule (normalised to network addresses).
     cidrs: Vec<IpNet>,
 }
 
@@ -170,9 +173,13 @@ pub struct Grant {
 /// The compiled policy.
 #[derive(Debug, Clone)]
 pub struct Policy {
+    /// The allow rules, in config order.
     rules: Vec<Rule>,
+    /// [`DEFAULT_DENY`] as networks.
     default_deny: Vec<IpNet>,
+    /// `denyCIDRs`: absolute, no rule lifts them.
     deny: Vec<IpNet>,
+    /// `hosts` overrides, keys normalised.
     hosts: HashMap<String, Vec<IpAddr>>,
 }
 

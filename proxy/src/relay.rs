@@ -102,9 +102,13 @@ pub struct ByteCounters {
 /// task, atomics only because the future must be `Send`).
 #[derive(Debug)]
 pub struct Tracker {
+    /// When the tunnel opened; activity is stored relative to it.
     start: Instant,
+    /// Milliseconds from `start` to the last byte moved either way (idle timeout).
     last_ms: AtomicU64,
+    /// Client -> upstream bytes so far.
     up: AtomicU64,
+    /// Upstream -> client bytes so far.
     down: AtomicU64,
 }
 

@@ -27,8 +27,11 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the access log says about one connection.
 struct Entry {
+    /// The client's address.
     client: SocketAddr,
+    /// The CONNECT target, once the head is parsed.
     target: Option<Target>,
+    /// The address dialled, once connected.
     resolved: Option<SocketAddr>,
 }
 
