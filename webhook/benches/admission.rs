@@ -74,7 +74,9 @@ fn main() {
                 let fixed = Bytes::from(fixed);
                 let baseline = Router::new().route(
                     "/mutate",
-                    post(move || {
+                    // Reads the body as the real handler does: an unread body makes the server
+                    // reset each stream, which h2 limits (GOAWAY ENHANCE_YOUR_CALM).
+                    post(move |_body: Bytes| {
                         let fixed = fixed.clone();
                         async move {
                             (

@@ -6,9 +6,13 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use std::borrow::Cow;
 
+use serde::Deserialize;
+use serde_json::json;
+use serde_json::value::RawValue;
+
+use crate::engine::pod::PodView;
 use crate::engine::{Decision, Injector, Operation, PodContext};
 
 /// The only AdmissionReview version egress-gate speaks (the only one current API servers send
@@ -94,17 +98,22 @@ pub struct Reply {
     pub record: ReviewRecord,
 }
 
+/// The request as received. The pod stays raw bytes here ([`RawValue`]) and is read by
+/// [`PodView::from_json`], which skips what the engine does not need.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewIn {
-    api_version: Option<String>,
-    kind: Option<String>,
-    request: Option<RequestIn>,
+struct ReviewIn<'a> {
+    #[serde(borrow)]
+    api_version: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    request: Option<RequestIn<'a>>,
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RequestIn {
+struct RequestIn<'a> {
     uid: String,
     kind: Option<GroupVersionKind>,
     #[serde(default)]
@@ -114,8 +123,8 @@ struct RequestIn {
     #[serde(default)]
     namespace: Option<String>,
     operation: Option<String>,
-    #[serde(default)]
-    object: Option<Value>,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
     #[serde(default)]
     dry_run: Option<bool>,
 }
@@ -154,7 +163,7 @@ pub fn review(injector: &Injector, services: &dyn ServiceDirectory, body: &[u8])
     let mut record = ReviewRecord {
         uid: request.uid.clone(),
         namespace: request.namespace.clone().unwrap_or_default(),
-        pod: pod_display_name(&request),
+        pod: request.name.clone().unwrap_or_default(),
         dry_run: request.dry_run.unwrap_or(false),
         ..Default::default()
     };
@@ -170,7 +179,7 @@ pub fn review(injector: &Injector, services: &dyn ServiceDirectory, body: &[u8])
             .is_empty();
     let operation = request.operation.as_deref().and_then(parse_operation);
     let (Some(object), true, Some(operation @ Operation::Create)) =
-        (request.object.as_ref(), is_pod, operation)
+        (request.object, is_pod, operation)
     else {
         let reason = format!(
             "egress-gate: not a pod CREATE (kind {:?}, subresource {:?}, operation {:?}); allowed unchanged",
@@ -190,14 +199,30 @@ pub fn review(injector: &Injector, services: &dyn ServiceDirectory, body: &[u8])
             record.with_reason(reason),
         );
     };
+    let view = match PodView::from_json(object.get().as_bytes()) {
+        Ok(view) => view,
+        Err(e) => {
+            let reason = format!("egress-gate: pod not injected: {e}");
+            return allowed(
+                &request.uid,
+                None,
+                vec![reason.clone()],
+                ReviewResult::Unparseable,
+                record.with_reason(reason),
+            );
+        }
+    };
+    if record.pod.is_empty() {
+        record.pod = match (&view.name, &view.generate_name) {
+            (Some(name), _) => name.to_string(),
+            (None, Some(prefix)) => format!("{prefix}*"),
+            (None, None) => String::new(),
+        };
+    }
     let namespace = request
         .namespace
         .as_deref()
-        .or_else(|| {
-            object
-                .pointer("/metadata/namespace")
-                .and_then(Value::as_str)
-        })
+        .or(view.namespace.as_deref())
         .unwrap_or_default()
         .to_string();
     let services = services.services_in(&namespace);
@@ -206,36 +231,22 @@ pub fn review(injector: &Injector, services: &dyn ServiceDirectory, body: &[u8])
         operation,
         services: &services,
     };
-    match injector.review(object, &ctx) {
-        Ok(mutation) => {
-            record.profile = mutation.decision.profile().map(str::to_string);
-            record.decision = Some(mutation.decision.as_str().to_string());
-            record.patch_ops = mutation.patch.len();
-            let result = match (&mutation.decision, mutation.patch.is_empty()) {
-                (Decision::NotCreate, _) => ReviewResult::NotPodCreate,
-                (_, true) => ReviewResult::Unchanged,
-                (_, false) => ReviewResult::Patched,
-            };
-            let patch = (!mutation.patch.is_empty()).then_some(&mutation.patch);
-            let patch = match patch.map(serde_json::to_vec).transpose() {
-                Ok(p) => p,
-                Err(e) => {
-                    // Serializing operations of strings and JSON values cannot fail; if it
-                    // ever does, admit the pod rather than block it.
-                    let reason = format!("egress-gate: internal error, pod not injected: {e}");
-                    return allowed(
-                        &request.uid,
-                        None,
-                        vec![reason.clone()],
-                        ReviewResult::Unparseable,
-                        record.with_reason(reason),
-                    );
-                }
-            };
-            allowed(&request.uid, patch, mutation.warnings, result, record)
-        }
+    let mutation = injector.review_view(&view, &ctx);
+    record.profile = mutation.decision.profile().map(str::to_string);
+    record.decision = Some(mutation.decision.as_str().to_string());
+    record.patch_ops = mutation.patch.len();
+    let result = match (&mutation.decision, mutation.patch.is_empty()) {
+        (Decision::NotCreate, _) => ReviewResult::NotPodCreate,
+        (_, true) => ReviewResult::Unchanged,
+        (_, false) => ReviewResult::Patched,
+    };
+    let patch = (!mutation.patch.is_empty()).then_some(&mutation.patch);
+    match patch.map(serde_json::to_vec).transpose() {
+        Ok(patch) => allowed(&request.uid, patch, mutation.warnings, result, record),
         Err(e) => {
-            let reason = format!("egress-gate: pod not injected: {e}");
+            // Serializing operations of strings and JSON values cannot fail; if it ever
+            // does, admit the pod rather than block it.
+            let reason = format!("egress-gate: internal error, pod not injected: {e}");
             allowed(
                 &request.uid,
                 None,
@@ -262,25 +273,6 @@ fn parse_operation(op: &str) -> Option<Operation> {
         "CONNECT" => Some(Operation::Connect),
         _ => None,
     }
-}
-
-fn pod_display_name(request: &RequestIn) -> String {
-    let meta = |field: &str| {
-        request
-            .object
-            .as_ref()
-            .and_then(|o| o.pointer(&format!("/metadata/{field}")))
-            .and_then(Value::as_str)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-    };
-    request
-        .name
-        .clone()
-        .filter(|n| !n.is_empty())
-        .or_else(|| meta("name"))
-        .or_else(|| meta("generateName").map(|g| format!("{g}*")))
-        .unwrap_or_default()
 }
 
 /// The 200 answer: `response.uid` echoed, `allowed: true`, and the patch when there is one.
@@ -326,6 +318,8 @@ fn bad_request(message: String) -> Reply {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::Value;
+
     use super::*;
     use crate::config::Config;
     use crate::engine::ClusterFacts;

@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns; a panic is a failed test
 
 use egress_webhook::config::Config;
+use egress_webhook::engine::pod::PodView;
 use egress_webhook::engine::{ClusterFacts, Injector, Operation, PodContext};
 use proptest::prelude::*;
 use serde_json::{Map, Value, json};
@@ -155,6 +156,9 @@ proptest! {
         let ctx = PodContext { namespace: "db", operation: Operation::Create, services: &[] };
 
         let first = injector.review(&pod, &ctx).unwrap();
+        // The admission path reads bytes; it must see the same pod as the value path.
+        let bytes = pod.to_string().into_bytes();
+        prop_assert_eq!(PodView::from_json(&bytes).unwrap(), PodView::parse(&pod).unwrap());
         let mut patched = pod.clone();
         json_patch::patch(&mut patched, &first.patch).unwrap();
 

@@ -117,6 +117,16 @@ pub struct Mutation {
     pub warnings: Vec<String>,
 }
 
+impl Mutation {
+    fn not_create() -> Self {
+        Self {
+            decision: Decision::NotCreate,
+            patch: Vec::new(),
+            warnings: Vec::new(),
+        }
+    }
+}
+
 /// What the status annotation records, as compact JSON.
 #[derive(Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -179,23 +189,26 @@ impl Injector {
     /// Decides about one pod and returns the patch that injects it.
     pub fn review(&self, pod: &Value, ctx: &PodContext<'_>) -> Result<Mutation, PodShapeError> {
         if ctx.operation != Operation::Create {
-            return Ok(Mutation {
-                decision: Decision::NotCreate,
-                patch: Vec::new(),
-                warnings: Vec::new(),
-            });
+            return Ok(Mutation::not_create());
         }
-        let view = PodView::parse(pod)?;
+        Ok(self.review_view(&PodView::parse(pod)?, ctx))
+    }
+
+    /// Decides about a pod already read into a [`PodView`] (see [`PodView::from_json`]).
+    pub fn review_view(&self, view: &PodView<'_>, ctx: &PodContext<'_>) -> Mutation {
+        if ctx.operation != Operation::Create {
+            return Mutation::not_create();
+        }
         let mut warnings = Vec::new();
         let labels = view.labels.clone().unwrap_or_default();
 
         let opt_in = match view.annotation(&self.config.inject_annotation) {
             Some("false") => {
-                return Ok(Mutation {
+                return Mutation {
                     decision: Decision::OptedOut,
                     patch: Vec::new(),
                     warnings,
-                });
+                };
             }
             Some("true") => true,
             Some(other) => {
@@ -212,11 +225,11 @@ impl Injector {
             (Some(p), _) => p.name.clone(),
             (None, true) => ANNOTATION_PROFILE.to_string(),
             (None, false) => {
-                return Ok(Mutation {
+                return Mutation {
                     decision: Decision::NotSelected,
                     patch: Vec::new(),
                     warnings,
-                });
+                };
             }
         };
 
@@ -238,18 +251,18 @@ impl Injector {
             values_hash,
         };
         let mut metadata = MetadataEdits::default();
-        self.label_edit(&view, &mut metadata, &mut warnings);
-        self.status_edit(&view, &status, &mut metadata);
-        let mut ops = metadata.into_ops(&view);
+        self.label_edit(view, &mut metadata, &mut warnings);
+        self.status_edit(view, &status, &mut metadata);
+        let mut ops = metadata.into_ops(view);
         ops.extend(patch);
 
-        Ok(Mutation {
+        Mutation {
             decision: Decision::Injected {
                 profile: profile_name,
             },
             patch: ops,
             warnings,
-        })
+        }
     }
 
     /// The NO_PROXY list for one pod.
@@ -318,8 +331,8 @@ impl Injector {
                     carries = true;
                 }
                 (Some(u), Some(l))
-                    if u.value == Some(pair.value.as_str())
-                        && l.value == Some(pair.value.as_str()) =>
+                    if u.value.as_deref() == Some(pair.value.as_str())
+                        && l.value.as_deref() == Some(pair.value.as_str()) =>
                 {
                     carries = true;
                 }
@@ -327,7 +340,7 @@ impl Injector {
                     let kept: Vec<&str> = [upper, lower]
                         .into_iter()
                         .flatten()
-                        .map(|e| e.name)
+                        .map(|e| e.name.as_ref())
                         .collect();
                     warnings.push(format!(
                         "egress-gate: {} container {:?} keeps its own {}; {}/{} not injected there",

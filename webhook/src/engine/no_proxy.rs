@@ -4,19 +4,18 @@
 //! none; nobody agrees on `*.` prefixes), so the list carries hostnames and `.suffix` entries
 //! for the weakest readers, CIDRs for the rest, and literal IPs for everyone.
 
-use std::collections::HashSet;
 use std::net::IpAddr;
 
 use ipnet::IpNet;
 
 /// An ordered NO_PROXY list without duplicates: entries keep the order they were first
-/// pushed in, so the value (and its hash in the status annotation) is stable.
+/// pushed in, so the value (and its hash in the status annotation) is stable. Lists hold
+/// tens of entries and are cloned per review, so duplicates are found by a scan rather than
+/// a hash set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NoProxyList {
-    /// Entries in push order.
+    /// Entries in push order, unique ignoring ASCII case (hostnames are case-insensitive).
     entries: Vec<String>,
-    /// Lower-cased entries already present, for deduplication (hostnames are case-insensitive).
-    seen: HashSet<String>,
 }
 
 /// Loopback in every spelling a client might use: the name, and both IP families.
@@ -34,7 +33,7 @@ impl NoProxyList {
         if entry.is_empty() {
             return;
         }
-        if self.seen.insert(entry.to_ascii_lowercase()) {
+        if !self.entries.iter().any(|e| e.eq_ignore_ascii_case(&entry)) {
             self.entries.push(entry);
         }
     }

@@ -2,9 +2,17 @@
 //!
 //! The engine never re-serializes a typed Pod: it reads the request's JSON where it is and
 //! writes patch operations against it, so fields this code does not know survive untouched.
+//!
+//! Two ways in: [`PodView::parse`] reads an already parsed JSON value (manifests, tests), and
+//! [`PodView::from_json`] reads the bytes of an admission request directly, deserializing only
+//! the fields below and skipping the rest without allocating, which is most of the cost of a
+//! review. Where the fast path rejects a pod, the value path decides, so both accept the
+//! same pods and report the same field in errors.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
+use serde::Deserialize;
 use serde_json::{Map, Value};
 
 /// Why a pod could not be read. The webhook allows such a pod unchanged and says why.
@@ -44,23 +52,23 @@ impl ContainerList {
 }
 
 /// One environment entry as the pod declares it.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvEntry<'a> {
     /// The variable's name.
-    pub name: &'a str,
-    /// Its literal value; `None` when it has no `value` (for example `valueFrom`).
-    pub value: Option<&'a str>,
+    pub name: Cow<'a, str>,
+    /// Its literal value; `None` when it has no string `value` (for example `valueFrom`).
+    pub value: Option<Cow<'a, str>>,
 }
 
 /// One container of the pod.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ContainerView<'a> {
     /// Which list it is in.
     pub list: ContainerList,
     /// Its index in that list, for patch pointers.
     pub index: usize,
     /// Its name.
-    pub name: &'a str,
+    pub name: Cow<'a, str>,
     /// Its `env` entries; `None` when the container has no `env` key (or it is null).
     pub env: Option<Vec<EnvEntry<'a>>>,
 }
@@ -73,8 +81,14 @@ impl ContainerView<'_> {
 }
 
 /// What the engine reads of a pod.
-#[derive(Debug)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PodView<'a> {
+    /// `metadata.name`, empty names read as absent.
+    pub name: Option<Cow<'a, str>>,
+    /// `metadata.generateName`, for pods whose name the API server has yet to pick.
+    pub generate_name: Option<Cow<'a, str>>,
+    /// `metadata.namespace`.
+    pub namespace: Option<Cow<'a, str>>,
     /// Whether `metadata` is present (an object).
     pub has_metadata: bool,
     /// Labels; `None` when the pod has no `labels` key.
@@ -99,6 +113,13 @@ impl<'a> PodView<'a> {
             ),
             None => (None, None),
         };
+        let meta_str = |key: &str| {
+            metadata
+                .and_then(|m| m.get(key))
+                .and_then(Value::as_str)
+                .filter(|s| !s.is_empty())
+                .map(Cow::Borrowed)
+        };
         let spec =
             optional_object(pod, "spec", "/spec")?.ok_or_else(|| shape("/spec", "is missing"))?;
         let mut containers = Vec::new();
@@ -115,11 +136,68 @@ impl<'a> PodView<'a> {
             }
         }
         Ok(Self {
+            name: meta_str("name"),
+            generate_name: meta_str("generateName"),
+            namespace: meta_str("namespace"),
             has_metadata: metadata.is_some(),
             labels,
             annotations,
             containers,
         })
+    }
+
+    /// Reads a pod from JSON bytes (an admission request's `object`).
+    pub fn from_json(json: &'a [u8]) -> Result<Self, PodShapeError> {
+        match serde_json::from_slice::<Obj<SlimPod<'a>>>(json) {
+            Ok(Obj(slim)) => slim.into_view(),
+            Err(fast_error) => {
+                // Rare: a malformed pod, or JSON the fast path is stricter about (duplicate
+                // keys). The value path gives the precise field, or reads the pod after all.
+                let value: Value = serde_json::from_slice(json)
+                    .map_err(|e| shape("/", format!("is not JSON: {e}")))?;
+                match PodView::parse(&value) {
+                    Ok(view) => Ok(view.into_owned()),
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| {
+                    if e.path.is_empty() {
+                        shape("/", fast_error.to_string())
+                    } else {
+                        e
+                    }
+                })
+            }
+        }
+    }
+
+    /// The same view, owning its strings.
+    pub fn into_owned(self) -> PodView<'static> {
+        let owned = |c: Option<Cow<'_, str>>| c.map(|c| Cow::Owned(c.into_owned()));
+        PodView {
+            name: owned(self.name),
+            generate_name: owned(self.generate_name),
+            namespace: owned(self.namespace),
+            has_metadata: self.has_metadata,
+            labels: self.labels,
+            annotations: self.annotations,
+            containers: self
+                .containers
+                .into_iter()
+                .map(|c| ContainerView {
+                    list: c.list,
+                    index: c.index,
+                    name: Cow::Owned(c.name.into_owned()),
+                    env: c.env.map(|env| {
+                        env.into_iter()
+                            .map(|e| EnvEntry {
+                                name: Cow::Owned(e.name.into_owned()),
+                                value: owned(e.value),
+                            })
+                            .collect()
+                    }),
+                })
+                .collect(),
+        }
     }
 
     /// A label's value.
@@ -186,8 +264,8 @@ fn container<'a>(
                         shape(format!("{path}/env/{i}/name"), "is missing or not a string")
                     })?;
                     Ok(EnvEntry {
-                        name,
-                        value: e.get("value").and_then(Value::as_str),
+                        name: Cow::Borrowed(name),
+                        value: e.get("value").and_then(Value::as_str).map(Cow::Borrowed),
                     })
                 })
                 .collect::<Result<Vec<_>, PodShapeError>>()?,
@@ -197,9 +275,140 @@ fn container<'a>(
     Ok(ContainerView {
         list,
         index,
-        name,
+        name: Cow::Borrowed(name),
         env,
     })
+}
+
+/// A struct read only from a JSON object: serde's derive also accepts arrays (fields by
+/// position), which a pod's parts never are.
+struct Obj<T>(T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Obj<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectOnly<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+            type Value = T;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+        deserializer
+            .deserialize_map(ObjectOnly(std::marker::PhantomData))
+            .map(Obj)
+    }
+}
+
+/// The fields of a pod the engine reads, deserialized straight from bytes; everything else
+/// is skipped. Strings borrow from the input unless they contain escapes.
+#[derive(Deserialize)]
+struct SlimPod<'a> {
+    #[serde(borrow, default)]
+    metadata: Option<Obj<SlimMeta<'a>>>,
+    #[serde(borrow, default)]
+    spec: Option<Obj<SlimSpec<'a>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimMeta<'a> {
+    #[serde(borrow, default)]
+    name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    generate_name: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    namespace: Option<Cow<'a, str>>,
+    #[serde(default)]
+    labels: Option<BTreeMap<String, String>>,
+    #[serde(default)]
+    annotations: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SlimSpec<'a> {
+    #[serde(borrow, default)]
+    init_containers: Option<Vec<Obj<SlimContainer<'a>>>>,
+    #[serde(borrow, default)]
+    containers: Option<Vec<Obj<SlimContainer<'a>>>>,
+}
+
+#[derive(Deserialize)]
+struct SlimContainer<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    env: Option<Vec<Obj<SlimEnv<'a>>>>,
+}
+
+#[derive(Deserialize)]
+struct SlimEnv<'a> {
+    #[serde(borrow)]
+    name: Cow<'a, str>,
+    #[serde(borrow, default)]
+    value: Option<Cow<'a, str>>,
+}
+
+impl<'a> SlimPod<'a> {
+    fn into_view(self) -> Result<PodView<'a>, PodShapeError> {
+        let Obj(spec) = self.spec.ok_or_else(|| shape("/spec", "is missing"))?;
+        let main = spec
+            .containers
+            .ok_or_else(|| shape("/spec/containers", "is missing"))?;
+        let lists = [
+            (
+                ContainerList::Init,
+                spec.init_containers.unwrap_or_default(),
+            ),
+            (ContainerList::Main, main),
+        ];
+        let containers = lists
+            .into_iter()
+            .flat_map(|(list, items)| {
+                items
+                    .into_iter()
+                    .enumerate()
+                    .map(move |(index, Obj(c))| ContainerView {
+                        list,
+                        index,
+                        name: c.name,
+                        env: c.env.map(|env| {
+                            env.into_iter()
+                                .map(|Obj(e)| EnvEntry {
+                                    name: e.name,
+                                    value: e.value,
+                                })
+                                .collect()
+                        }),
+                    })
+            })
+            .collect();
+        let non_empty = |c: Option<Cow<'a, str>>| c.filter(|s| !s.is_empty());
+        let (has_metadata, name, generate_name, namespace, labels, annotations) =
+            match self.metadata {
+                Some(Obj(m)) => (
+                    true,
+                    non_empty(m.name),
+                    non_empty(m.generate_name),
+                    non_empty(m.namespace),
+                    m.labels,
+                    m.annotations,
+                ),
+                None => (false, None, None, None, None, None),
+            };
+        Ok(PodView {
+            name,
+            generate_name,
+            namespace,
+            has_metadata,
+            labels,
+            annotations,
+            containers,
+        })
+    }
 }
 
 /// Escapes one JSON pointer token (RFC 6901: `~` -> `~0`, `/` -> `~1`), for messages.
@@ -227,7 +436,7 @@ mod tests {
         let names: Vec<_> = view
             .containers
             .iter()
-            .map(|c| (c.list, c.index, c.name))
+            .map(|c| (c.list, c.index, c.name.as_ref()))
             .collect();
         assert_eq!(
             names,
@@ -237,7 +446,10 @@ mod tests {
             ]
         );
         assert!(view.containers[0].env.is_none());
-        assert_eq!(view.containers[1].env_var("A").unwrap().value, Some("1"));
+        assert_eq!(
+            view.containers[1].env_var("A").unwrap().value.as_deref(),
+            Some("1")
+        );
         assert_eq!(view.containers[1].env_var("B").unwrap().value, None);
     }
 
@@ -272,6 +484,34 @@ mod tests {
         ];
         for (pod, path) in cases {
             assert_eq!(PodView::parse(&pod).unwrap_err().path, path, "{pod}");
+            let bytes = pod.to_string().into_bytes();
+            assert_eq!(
+                PodView::from_json(&bytes).unwrap_err().path,
+                path,
+                "bytes: {pod}"
+            );
         }
+    }
+
+    #[test]
+    fn bytes_and_values_read_the_same_pod() {
+        let pods = [
+            json!({"metadata": {"name": "p", "namespace": "db", "labels": {"a": "b"}, "annotations": {"x": "y"}, "other": [1]},
+                   "spec": {"initContainers": [{"name": "i", "env": [{"name": "E", "value": "v\\u00e9"}]}],
+                            "containers": [{"name": "c", "env": [{"name": "N", "value": 5}, {"name": "F", "valueFrom": {}}], "image": "x"}]}}),
+            json!({"metadata": {"generateName": "g-", "name": ""}, "spec": {"containers": [{"name": "c", "env": null}], "initContainers": null}}),
+            json!({"spec": {"containers": []}}),
+        ];
+        for pod in pods {
+            let bytes = pod.to_string().into_bytes();
+            assert_eq!(
+                PodView::from_json(&bytes).unwrap(),
+                PodView::parse(&pod).unwrap(),
+                "{pod}"
+            );
+        }
+        // Duplicate keys: the fast path refuses them, the value path keeps the last one.
+        let dup = br#"{"spec": {"containers": [{"name": "a", "name": "b"}]}}"#;
+        assert_eq!(PodView::from_json(dup).unwrap().containers[0].name, "b");
     }
 }
