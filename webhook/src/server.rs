@@ -160,6 +160,7 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
     let (injector_tx, injector_rx) =
         watch::channel(Arc::new(build_injector(&config, &discovered.borrow())));
     tokio::spawn(keep_current(
+        watch_files(&options),
         options.clone(),
         config,
         discovered,
@@ -281,17 +282,9 @@ fn build_injector(config: &Config, discovered: &Discovered) -> Injector {
     Injector::new(config, &facts)
 }
 
-/// Reloads the configuration and the certificate when their files change, and rebuilds the
-/// engine when the configuration or the discovered facts change. Invalid new files are
-/// logged and counted; what is in force stays.
-async fn keep_current(
-    options: ServeOptions,
-    mut config: Config,
-    mut discovered: watch::Receiver<Discovered>,
-    injector: watch::Sender<Arc<Injector>>,
-    certs: Arc<CertStore>,
-    metrics: Arc<Metrics>,
-) {
+/// Watches the certificate (when it comes from files) and the config file. Set up before the
+/// server listens, so no change made after start can be missed.
+fn watch_files(options: &ServeOptions) -> Option<FileWatch> {
     let mut files = Vec::new();
     if let TlsSource::Files { cert, key } = &options.tls {
         files.extend([cert.as_path(), key.as_path()]);
@@ -299,13 +292,30 @@ async fn keep_current(
     if let Some(path) = &options.config {
         files.push(path.as_path());
     }
-    let mut watch = match FileWatch::new(&files) {
+    if files.is_empty() {
+        return None;
+    }
+    match FileWatch::new(&files) {
         Ok(w) => Some(w),
         Err(e) => {
             warn!(error = %e, "cannot watch files; config and certificate reloads are off");
             None
         }
-    };
+    }
+}
+
+/// Reloads the configuration and the certificate when their files change, and rebuilds the
+/// engine when the configuration or the discovered facts change. Invalid new files are
+/// logged and counted; what is in force stays.
+async fn keep_current(
+    mut watch: Option<FileWatch>,
+    options: ServeOptions,
+    mut config: Config,
+    mut discovered: watch::Receiver<Discovered>,
+    injector: watch::Sender<Arc<Injector>>,
+    certs: Arc<CertStore>,
+    metrics: Arc<Metrics>,
+) {
     let mut discovery_alive = true;
     loop {
         let discovery_change = async {
