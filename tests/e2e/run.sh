@@ -403,6 +403,17 @@ step5() {
   [[ -n $neg_pid ]] || start_proxy # else step 6 starts it once the backup has failed
 }
 
+connect_code_after_reload() { # want -> the proxy's answer to the pod's CONNECT, once it is `want`
+  local code
+  for _ in $(seq 50); do # a SIGHUP reload applies within moments; poll rather than guess
+    code=$(pod "$run/env-proxy" curl -sS --cacert "$run/ca.crt" -o /dev/null -w '%{http_connect}' \
+      "https://$HOST/?comp=list" 2>>"$logs/curl.log" || true)
+    [[ $code == "$1" ]] && break
+    sleep 0.1
+  done
+  echo "$code"
+}
+
 step6() {
   # a) The proxy is down: the backup fails with a clear error and writes nothing.
   if [[ -z $neg_pid ]]; then stop_proxy; start_backup_without_proxy; fi
@@ -421,18 +432,15 @@ step6() {
   # b) A policy that does not list the account: 403, and the log names the host.
   write_proxy_config other.blob.core.windows.net
   kill -HUP "$proxy_pid"
-  sleep 0.5
   local code
-  code=$(pod "$run/env-proxy" curl -sS --cacert "$run/ca.crt" -o /dev/null -w '%{http_connect}' \
-    "https://$HOST/?comp=list" 2>>"$logs/curl.log" || true)
+  code=$(connect_code_after_reload 403)
   [[ $code == 403 ]] || die "proxy answered $code, not 403, for a host the policy does not list"
   grep "\"target\":\"$HOST:443\"" "$logs/proxy.log" | grep -q '"status":403' ||
     die "the proxy log does not name the denied host $HOST with status 403"
   note "policy without the account: 403; proxy log: $(grep "\"target\":\"$HOST:443\"" "$logs/proxy.log" | grep '"status":403' | tail -n1 | grep -o '"reason":"[^"]*"')"
   write_proxy_config "$HOST"
   kill -HUP "$proxy_pid"
-  sleep 0.5
-  code=$(pod "$run/env-proxy" curl -sS --cacert "$run/ca.crt" -o /dev/null -w '%{http_connect}' "https://$HOST/" 2>>"$logs/curl.log" || true)
+  code=$(connect_code_after_reload 200)
   [[ $code == 200 ]] || die "after restoring the policy the proxy answered $code"
 
   # c) NO_PROXY from the webhook keeps a cluster-internal name off the proxy.
