@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::json;
 use serde_json::value::RawValue;
 
-use crate::engine::pod::PodView;
+use crate::engine::pod::{PodFields, PodShapeError, PodView};
 use crate::engine::{Decision, Injector, Operation, PodContext};
 
 /// The only AdmissionReview version egress-gate speaks (the only one current API servers send
@@ -98,22 +98,40 @@ pub struct Reply {
     pub record: ReviewRecord,
 }
 
-/// The request as received. The pod stays raw bytes here ([`RawValue`]) and is read by
-/// [`PodView::from_json`], which skips what the engine does not need.
+/// The request as received, with the pod as `P`: [`PodFields`] on the fast path (one pass
+/// over the body, skipping what the engine does not read), or [`RawValue`] when that pass
+/// fails, to tell a malformed pod (allowed, with a warning) from a malformed review (400).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct ReviewIn<'a> {
+struct ReviewIn<'a, P> {
     #[serde(borrow)]
     api_version: Option<Cow<'a, str>>,
     #[serde(borrow)]
     kind: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    request: Option<RequestIn<'a>>,
+    request: Option<RequestIn<P>>,
+}
+
+/// A pod inside a request, read into a [`PodView`] once the request is known to be a pod
+/// CREATE.
+trait PodSource<'a> {
+    fn view(self) -> Result<PodView<'a>, PodShapeError>;
+}
+
+impl<'a> PodSource<'a> for PodFields<'a> {
+    fn view(self) -> Result<PodView<'a>, PodShapeError> {
+        self.into_view()
+    }
+}
+
+impl<'a> PodSource<'a> for &'a RawValue {
+    fn view(self) -> Result<PodView<'a>, PodShapeError> {
+        PodView::from_json(self.get().as_bytes())
+    }
 }
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct RequestIn<'a> {
+struct RequestIn<P> {
     uid: String,
     kind: Option<GroupVersionKind>,
     #[serde(default)]
@@ -123,10 +141,14 @@ struct RequestIn<'a> {
     #[serde(default)]
     namespace: Option<String>,
     operation: Option<String>,
-    #[serde(borrow, default)]
-    object: Option<&'a RawValue>,
+    #[serde(default = "none")]
+    object: Option<P>,
     #[serde(default)]
     dry_run: Option<bool>,
+}
+
+fn none<P>() -> Option<P> {
+    None
 }
 
 #[derive(Deserialize)]
@@ -140,10 +162,20 @@ struct GroupVersionKind {
 /// Answers one AdmissionReview body. Never panics; every AdmissionReview is allowed, with
 /// a patch when egress-gate has something to add.
 pub fn review(injector: &Injector, services: &dyn ServiceDirectory, body: &[u8]) -> Reply {
-    let parsed: ReviewIn = match serde_json::from_slice(body) {
-        Ok(r) => r,
-        Err(e) => return bad_request(format!("body is not an AdmissionReview: {e}")),
-    };
+    if let Ok(parsed) = serde_json::from_slice::<ReviewIn<PodFields<'_>>>(body) {
+        return answer(injector, services, parsed);
+    }
+    match serde_json::from_slice::<ReviewIn<&RawValue>>(body) {
+        Ok(parsed) => answer(injector, services, parsed),
+        Err(e) => bad_request(format!("body is not an AdmissionReview: {e}")),
+    }
+}
+
+fn answer<'a, P: PodSource<'a>>(
+    injector: &Injector,
+    services: &dyn ServiceDirectory,
+    parsed: ReviewIn<'a, P>,
+) -> Reply {
     if parsed.api_version.as_deref() != Some(API_VERSION)
         || parsed.kind.as_deref() != Some("AdmissionReview")
     {
@@ -199,7 +231,7 @@ pub fn review(injector: &Injector, services: &dyn ServiceDirectory, body: &[u8])
             record.with_reason(reason),
         );
     };
-    let view = match PodView::from_json(object.get().as_bytes()) {
+    let view = match object.view() {
         Ok(view) => view,
         Err(e) => {
             let reason = format!("egress-gate: pod not injected: {e}");

@@ -148,8 +148,8 @@ impl<'a> PodView<'a> {
 
     /// Reads a pod from JSON bytes (an admission request's `object`).
     pub fn from_json(json: &'a [u8]) -> Result<Self, PodShapeError> {
-        match serde_json::from_slice::<Obj<SlimPod<'a>>>(json) {
-            Ok(Obj(slim)) => slim.into_view(),
+        match serde_json::from_slice::<PodFields<'a>>(json) {
+            Ok(fields) => fields.into_view(),
             Err(fast_error) => {
                 // Rare: a malformed pod, or JSON the fast path is stricter about (duplicate
                 // keys). The value path gives the precise field, or reads the pod after all.
@@ -278,6 +278,19 @@ fn container<'a>(
         name: Cow::Borrowed(name),
         env,
     })
+}
+
+/// The fields of a pod the engine reads, as a type to embed in a larger request: deserializing
+/// it skips everything else in the pod. [`PodFields::into_view`] checks what is required.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct PodFields<'a>(#[serde(borrow)] Obj<SlimPod<'a>>);
+
+impl<'a> PodFields<'a> {
+    /// The view of the pod, or which required field is missing.
+    pub fn into_view(self) -> Result<PodView<'a>, PodShapeError> {
+        self.0.0.into_view()
+    }
 }
 
 /// A struct read only from a JSON object: serde's derive also accepts arrays (fields by
