@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 WEBHOOK := target/debug/egress-webhook
 
-.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook fuzz-webhook golden clean
+.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook fuzz-webhook e2e manifests golden clean
 
 all: build
 
@@ -29,6 +29,14 @@ test-deps:
 ## fuzz-webhook: run the admission review fuzzer (FUZZ_SECONDS, default 600).
 fuzz-webhook:
 	cd webhook && RUSTC_BOOTSTRAP=1 cargo fuzz run admission_review -- -max_total_time=$${FUZZ_SECONDS:-600}
+
+## e2e: PostgreSQL backs up to Azurite through egress-proxy in network namespaces (root).
+e2e:
+	bash scripts/e2e.sh
+
+## manifests: render every kustomization under deploy/.
+manifests:
+	@for d in $$(find deploy -name kustomization.yaml -printf '%h\n' | sort); do echo "# $$d"; kubectl kustomize $$d; done
 
 ## golden: rewrite the webhook's expected patches after an intended change; review the diff.
 golden:
