@@ -32,11 +32,20 @@ use tokio::sync::watch;
 const CONNECTIONS: [usize; 4] = [1, 8, 64, 256];
 
 fn main() {
-    let quick = std::env::var_os("BENCH_QUICK").is_some();
+    // `cargo bench` passes --bench; `cargo test --all-targets` runs this without it, as a
+    // smoke test of the harness (1 and 8 connections, a fraction of a second each).
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let quick = smoke || std::env::var_os("BENCH_QUICK").is_some();
     let seconds: f64 = std::env::var("BENCH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(if quick { 1.0 } else { 5.0 });
+        .unwrap_or(if smoke {
+            0.3
+        } else if quick {
+            1.0
+        } else {
+            5.0
+        });
     let runs: usize = std::env::var("BENCH_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -106,7 +115,12 @@ fn main() {
         .unwrap();
     let body = Bytes::from(body);
     let mut rows = Vec::new();
-    for &conns in &CONNECTIONS {
+    let levels: &[usize] = if smoke {
+        &CONNECTIONS[..2]
+    } else {
+        &CONNECTIONS
+    };
+    for &conns in levels {
         let mut real = Vec::new();
         let mut base = Vec::new();
         for _ in 0..runs {
@@ -116,7 +130,13 @@ fn main() {
         }
         rows.push((conns, summarize(&real), summarize(&base)));
     }
-    report(&rows, seconds, runs);
+    // Smoke figures (debug build under `cargo test`) never overwrite a measurement.
+    let name = if smoke {
+        "webhook-smoke.json"
+    } else {
+        "webhook.json"
+    };
+    report(&rows, seconds, runs, name);
 }
 
 /// One scenario's result.
@@ -267,7 +287,7 @@ fn review_body() -> Vec<u8> {
     .into_bytes()
 }
 
-fn report(rows: &[(usize, Summary, Summary)], seconds: f64, runs: usize) {
+fn report(rows: &[(usize, Summary, Summary)], seconds: f64, runs: usize, name: &str) {
     let fmt = |s: &[f64; 3], d: usize| format!("{:.d$} ({:.d$}-{:.d$})", s[1], s[0], s[2]);
     println!("\n## bench-webhook: CNPG instance pod review over TLS + HTTP/2 keep-alive");
     println!("{seconds} s per run, {runs} run(s); median (min-max)\n");
@@ -300,10 +320,6 @@ fn report(rows: &[(usize, Summary, Summary)], seconds: f64, runs: usize) {
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).unwrap();
     let doc = json!({"benchmark": "webhook", "seconds_per_run": seconds, "runs": runs, "protocol": "h2 over TLS 1.3", "rows": json_rows});
-    std::fs::write(
-        out.join("webhook.json"),
-        serde_json::to_string_pretty(&doc).unwrap(),
-    )
-    .unwrap();
-    println!("\nsaved target/bench/webhook.json");
+    std::fs::write(out.join(name), serde_json::to_string_pretty(&doc).unwrap()).unwrap();
+    println!("\nsaved target/bench/{name}");
 }
