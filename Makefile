@@ -21,6 +21,7 @@ test: test-deps
 	$(CARGO) test --workspace --all-targets
 	bash scripts/test-manifests.sh
 	bash scripts/demo.sh >/dev/null
+	bash scripts/e2e.sh
 
 ## test-deps: the system packages the tests use (idempotent; skips what is present).
 test-deps:
