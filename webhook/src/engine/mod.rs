@@ -200,7 +200,8 @@ impl Injector {
             return Mutation::not_create();
         }
         let mut warnings = Vec::new();
-        let labels = view.labels.clone().unwrap_or_default();
+        let no_labels = BTreeMap::new();
+        let labels = view.labels.as_ref().unwrap_or(&no_labels);
 
         let opt_in = match view.annotation(&self.config.inject_annotation) {
             Some("false") => {
@@ -220,7 +221,7 @@ impl Injector {
             }
             None => false,
         };
-        let profile = self.config.profiles.iter().find(|p| p.matches(&labels));
+        let profile = self.config.profiles.iter().find(|p| p.matches(labels));
         let profile_name = match (profile, opt_in) {
             (Some(p), _) => p.name.clone(),
             (None, true) => ANNOTATION_PROFILE.to_string(),
@@ -233,7 +234,7 @@ impl Injector {
             }
         };
 
-        let no_proxy = self.no_proxy_for(profile, &labels, ctx);
+        let no_proxy = self.no_proxy_for(profile, labels, ctx);
         let pairs = self.env_pairs(no_proxy.to_env_value());
         let values_hash = values_hash(&pairs);
 
