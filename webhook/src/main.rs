@@ -374,7 +374,7 @@ fn render(objects: &[InjectedObject], diff: bool) -> anyhow::Result<String> {
                 object.display_name,
                 mutation.decision.as_str()
             ));
-            out.push_str(&serde_json::to_string_pretty(&mutation.patch)?);
+            out.push_str(&serde_json::to_string_pretty(&object.patch)?);
             out.push('\n');
         } else {
             out.push_str("---\n");

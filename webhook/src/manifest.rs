@@ -63,9 +63,11 @@ pub struct InjectedObject {
     pub kind: String,
     /// `namespace/name` (or `namespace/generateName*`) for messages.
     pub display_name: String,
-    /// The engine's answer, with pointers relative to the object; `None` for kinds without
-    /// pods, which pass through unchanged.
+    /// The engine's answer, with pointers relative to the pod or template; `None` for kinds
+    /// without pods, which pass through unchanged.
     pub mutation: Option<Mutation>,
+    /// The operations applied, with pointers relative to the object; empty when unchanged.
+    pub patch: Vec<PatchOperation>,
     /// The object with the patch applied.
     pub object: Value,
 }
@@ -180,6 +182,7 @@ fn inject_object(
             kind,
             display_name,
             mutation: None,
+            patch: Vec::new(),
             object,
         });
     };
@@ -203,7 +206,7 @@ fn inject_object(
             .map(Vec::as_slice)
             .unwrap_or_default(),
     };
-    let mut mutation = injector.review(template, &ctx).map_err(|mut e| {
+    let mutation = injector.review(template, &ctx).map_err(|mut e| {
         e.path = format!("{template_at}{}", e.path);
         shape_error(e)
     })?;
@@ -213,10 +216,19 @@ fn inject_object(
         name: display_name.clone(),
         message: e.to_string(),
     })?;
-    for op in &mut mutation.patch {
+    let mut patch = mutation
+        .patch
+        .operations()
+        .map_err(|e| ManifestError::Patch {
+            document,
+            kind: kind.clone(),
+            name: display_name.clone(),
+            message: e.to_string(),
+        })?;
+    for op in &mut patch {
         prefix_path(op, prefix);
     }
-    json_patch::patch(&mut object, &mutation.patch).map_err(|e| ManifestError::Patch {
+    json_patch::patch(&mut object, &patch).map_err(|e| ManifestError::Patch {
         document,
         kind: kind.clone(),
         name: display_name.clone(),
@@ -227,6 +239,7 @@ fn inject_object(
         kind,
         display_name,
         mutation: Some(mutation),
+        patch,
         object,
     })
 }

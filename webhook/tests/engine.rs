@@ -22,7 +22,7 @@ fn review(injector: &Injector, pod: &Value) -> Mutation {
 
 fn apply(pod: &Value, m: &Mutation) -> Value {
     let mut out = pod.clone();
-    json_patch::patch(&mut out, &m.patch).unwrap();
+    json_patch::patch(&mut out, &m.patch.operations().unwrap()).unwrap();
     out
 }
 
@@ -55,7 +55,13 @@ fn a_container_added_by_a_later_webhook_is_injected_on_reinvocation() {
         .unwrap()
         .push(json!({"name": "late-sidecar"}));
     let second = review(&inj, &pod);
-    let paths: Vec<String> = second.patch.iter().map(op_path).collect();
+    let paths: Vec<String> = second
+        .patch
+        .operations()
+        .unwrap()
+        .iter()
+        .map(op_path)
+        .collect();
     assert_eq!(
         paths,
         [

@@ -229,7 +229,7 @@ fn check_invariants(
     services: &[String],
 ) {
     let mut patched = pod.clone();
-    json_patch::patch(&mut patched, &mutation.patch)
+    json_patch::patch(&mut patched, &mutation.patch.operations().unwrap())
         .unwrap_or_else(|e| panic!("{name}: patch does not apply: {e}"));
     let typed: Pod = serde_json::from_value(patched.clone())
         .unwrap_or_else(|e| panic!("{name}: not a Pod after patching: {e}"));

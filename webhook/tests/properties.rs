@@ -160,7 +160,7 @@ proptest! {
         let bytes = pod.to_string().into_bytes();
         prop_assert_eq!(PodView::from_json(&bytes).unwrap(), PodView::parse(&pod).unwrap());
         let mut patched = pod.clone();
-        json_patch::patch(&mut patched, &first.patch).unwrap();
+        json_patch::patch(&mut patched, &first.patch.operations().unwrap()).unwrap();
 
         let second = injector.review(&patched, &ctx).unwrap();
         prop_assert!(second.patch.is_empty(), "second review patched: {:?}", second.patch);

@@ -23,7 +23,12 @@ fn engine_patch_bytes(pod: &Value, namespace: &str) -> Vec<u8> {
         operation: Operation::Create,
         services: &[],
     };
-    serde_json::to_vec(&injector.review(pod, &ctx).unwrap().patch).unwrap()
+    injector
+        .review(pod, &ctx)
+        .unwrap()
+        .patch
+        .as_bytes()
+        .to_vec()
 }
 
 fn response(answer: &Answer) -> Value {

@@ -4,6 +4,7 @@
 //! `inject` command both call [`Injector::review`], so what admins preview is what runs.
 
 pub mod no_proxy;
+pub mod patch;
 pub mod pod;
 pub mod profile;
 pub mod selector;
@@ -11,14 +12,14 @@ pub mod selector;
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
-use json_patch::{AddOperation, PatchOperation, ReplaceOperation};
-use jsonptr::PointerBuf;
 use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::config::Config;
 use no_proxy::{LOOPBACK, NoProxyList, kubernetes_service_ip};
+pub use patch::Patch;
+use patch::{Op, PatchWriter, json_object, push_json_str};
 use pod::{ContainerList, ContainerView, PodShapeError, PodView};
 
 /// Facts about the cluster that shape NO_PROXY. From the config, or discovered from the API.
@@ -112,7 +113,7 @@ pub struct Mutation {
     /// Why the pod was or was not changed.
     pub decision: Decision,
     /// RFC 6902 operations against the pod as given; empty when nothing changes.
-    pub patch: Vec<PatchOperation>,
+    pub patch: Patch,
     /// Human-readable warnings for the API server to show the user.
     pub warnings: Vec<String>,
 }
@@ -121,7 +122,7 @@ impl Mutation {
     fn not_create() -> Self {
         Self {
             decision: Decision::NotCreate,
-            patch: Vec::new(),
+            patch: Patch::default(),
             warnings: Vec::new(),
         }
     }
@@ -158,6 +159,13 @@ struct EnvPair {
     upper: &'static str,
     lower: &'static str,
     value: String,
+}
+
+impl EnvPair {
+    /// The env entry `{"name":NAME,"value":VALUE}` as JSON.
+    fn entry_json(&self, name: &str) -> Vec<u8> {
+        json_object([("name", name), ("value", self.value.as_str())])
+    }
 }
 
 impl Injector {
@@ -203,11 +211,11 @@ impl Injector {
         let no_labels = BTreeMap::new();
         let labels = view.labels.as_ref().unwrap_or(&no_labels);
 
-        let opt_in = match view.annotation(&self.config.inject_annotation) {
+        let opt_in = match view.annotation(&self.config.inject_annotation).as_deref() {
             Some("false") => {
                 return Mutation {
                     decision: Decision::OptedOut,
-                    patch: Vec::new(),
+                    patch: Patch::default(),
                     warnings,
                 };
             }
@@ -228,7 +236,7 @@ impl Injector {
             (None, false) => {
                 return Mutation {
                     decision: Decision::NotSelected,
-                    patch: Vec::new(),
+                    patch: Patch::default(),
                     warnings,
                 };
             }
@@ -237,12 +245,21 @@ impl Injector {
         let no_proxy = self.no_proxy_for(profile, labels, ctx);
         let pairs = self.env_pairs(no_proxy.to_env_value());
         let values_hash = values_hash(&pairs);
+        // Each variable's env entry, rendered once: [upper, lower] per pair.
+        let entries: Vec<Vec<u8>> = pairs
+            .iter()
+            .flat_map(|p| [p.upper, p.lower].map(|name| p.entry_json(name)))
+            .collect();
 
-        let mut patch = Vec::new();
+        let mut additions = Vec::new();
         let mut carrying = Vec::new();
         for container in &view.containers {
-            if self.inject_container(container, &pairs, &mut patch, &mut warnings) {
+            let (to_add, carries) = self.container_additions(container, &pairs, &mut warnings);
+            if carries {
                 carrying.push(container.name.to_string());
+            }
+            if !to_add.is_empty() {
+                additions.push((container, to_add));
             }
         }
 
@@ -254,14 +271,17 @@ impl Injector {
         let mut metadata = MetadataEdits::default();
         self.label_edit(view, &mut metadata, &mut warnings);
         self.status_edit(view, &status, &mut metadata);
-        let mut ops = metadata.into_ops(view);
-        ops.extend(patch);
+        let mut patch = PatchWriter::new();
+        metadata.write(view, &mut patch);
+        for (container, to_add) in additions {
+            write_env_additions(container, &to_add, &entries, &mut patch);
+        }
 
         Mutation {
             decision: Decision::Injected {
                 profile: profile_name,
             },
-            patch: ops,
+            patch: patch.finish(),
             warnings,
         }
     }
@@ -311,24 +331,23 @@ impl Injector {
         pairs
     }
 
-    /// Adds the operations for one container; returns whether the container carries
-    /// egress-gate's values afterwards (injected now or on an earlier call).
-    fn inject_container(
+    /// Which variables one container needs, as indexes into the rendered entries (`2 * pair`
+    /// for the upper-case name, `2 * pair + 1` for the lower-case one), and whether the
+    /// container carries egress-gate's values afterwards (injected now or on an earlier call).
+    fn container_additions(
         &self,
         container: &ContainerView<'_>,
         pairs: &[EnvPair],
-        patch: &mut Vec<PatchOperation>,
         warnings: &mut Vec<String>,
-    ) -> bool {
+    ) -> (Vec<usize>, bool) {
         let mut to_add = Vec::new();
         let mut carries = false;
-        for pair in pairs {
+        for (i, pair) in pairs.iter().enumerate() {
             let upper = container.env_var(pair.upper);
             let lower = container.env_var(pair.lower);
             match (upper, lower) {
                 (None, None) => {
-                    to_add.push(json!({"name": pair.upper, "value": pair.value}));
-                    to_add.push(json!({"name": pair.lower, "value": pair.value}));
+                    to_add.extend([2 * i, 2 * i + 1]);
                     carries = true;
                 }
                 (Some(u), Some(l))
@@ -357,23 +376,7 @@ impl Injector {
                 }
             }
         }
-        if to_add.is_empty() {
-            return carries;
-        }
-        let base = [
-            "spec",
-            container.list.field(),
-            &container.index.to_string(),
-            "env",
-        ];
-        if container.env.is_none() {
-            patch.push(add(pointer(&base), Value::Array(to_add)));
-        } else {
-            for var in to_add {
-                patch.push(add(pointer(&[&base[..], &["-"]].concat()), var));
-            }
-        }
-        carries
+        (to_add, carries)
     }
 
     fn label_edit(
@@ -401,7 +404,7 @@ impl Injector {
             Ok(v) => v,
             Err(e) => unreachable!("status always serializes: {e}"),
         };
-        if view.annotation(key) != Some(value.as_str()) {
+        if view.annotation(key).as_deref() != Some(value.as_str()) {
             edits.annotations.push((key.clone(), value));
         }
     }
@@ -418,56 +421,87 @@ struct MetadataEdits {
 }
 
 impl MetadataEdits {
-    fn into_ops(self, view: &PodView<'_>) -> Vec<PatchOperation> {
-        let as_object = |entries: &[(String, String)]| -> Value {
-            Value::Object(entries.iter().map(|(k, v)| (k.clone(), json!(v))).collect())
+    /// Writes the operations: one `add` of `metadata` when the pod has none, one `add` per
+    /// missing map, else one `add` or `replace` per key.
+    fn write(self, view: &PodView<'_>, patch: &mut PatchWriter) {
+        let object = |entries: &[(String, String)]| {
+            json_object(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         };
+        // For each map the pod has: whether each key to set is already there (replace) or
+        // not (add).
+        let present = |entries: &[(String, String)], contains: &dyn Fn(&str) -> bool| {
+            entries.iter().map(|(k, _)| contains(k)).collect::<Vec<_>>()
+        };
+        let label_keys = view
+            .labels
+            .as_ref()
+            .map(|m| present(&self.labels, &|k| m.contains_key(k)));
+        let annotation_keys = view
+            .annotations
+            .as_ref()
+            .map(|m| present(&self.annotations, &|k| m.contains_key(k)));
         let maps = [
-            ("labels", self.labels, view.labels.as_ref()),
-            ("annotations", self.annotations, view.annotations.as_ref()),
+            ("labels", self.labels, label_keys),
+            ("annotations", self.annotations, annotation_keys),
         ];
         if !view.has_metadata {
-            let metadata: Map<String, Value> = maps
-                .iter()
-                .filter(|(_, entries, _)| !entries.is_empty())
-                .map(|(name, entries, _)| (name.to_string(), as_object(entries)))
-                .collect();
-            if metadata.is_empty() {
-                return Vec::new();
+            let mut metadata = Vec::new();
+            for (name, entries, _) in maps.iter().filter(|(_, e, _)| !e.is_empty()) {
+                metadata.push(if metadata.is_empty() { b'{' } else { b',' });
+                push_json_str(&mut metadata, name);
+                metadata.push(b':');
+                metadata.extend(object(entries));
             }
-            return vec![add(pointer(&["metadata"]), Value::Object(metadata))];
+            if !metadata.is_empty() {
+                metadata.push(b'}');
+                patch.op(Op::Add, &["metadata"], &metadata);
+            }
+            return;
         }
-        let mut ops = Vec::new();
         for (name, entries, existing) in maps {
             match existing {
                 None if entries.is_empty() => {}
-                None => ops.push(add(pointer(&["metadata", name]), as_object(&entries))),
+                None => patch.op(Op::Add, &["metadata", name], &object(&entries)),
                 Some(existing) => {
-                    for (key, value) in entries {
-                        let path = pointer(&["metadata", name, &key]);
-                        ops.push(if existing.contains_key(&key) {
-                            replace(path, json!(value))
-                        } else {
-                            add(path, json!(value))
-                        });
+                    for ((key, value), exists) in entries.into_iter().zip(existing) {
+                        let mut literal = Vec::new();
+                        push_json_str(&mut literal, &value);
+                        let op = if exists { Op::Replace } else { Op::Add };
+                        patch.op(op, &["metadata", name, &key], &literal);
                     }
                 }
             }
         }
-        ops
     }
 }
 
-fn pointer(tokens: &[&str]) -> PointerBuf {
-    PointerBuf::from_tokens(tokens.iter().copied())
-}
-
-fn add(path: PointerBuf, value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation { path, value })
-}
-
-fn replace(path: PointerBuf, value: Value) -> PatchOperation {
-    PatchOperation::Replace(ReplaceOperation { path, value })
+/// Writes one container's env additions: one `add` of the whole `env` list when the
+/// container has none, else one `add` per variable at the end of its list.
+fn write_env_additions(
+    container: &ContainerView<'_>,
+    to_add: &[usize],
+    entries: &[Vec<u8>],
+    patch: &mut PatchWriter,
+) {
+    let index = container.index.to_string();
+    let env = ["spec", container.list.field(), &index, "env"];
+    let chosen = to_add.iter().filter_map(|&i| entries.get(i));
+    if container.env.is_none() {
+        let mut list = vec![b'['];
+        for (n, entry) in chosen.enumerate() {
+            if n > 0 {
+                list.push(b',');
+            }
+            list.extend_from_slice(entry);
+        }
+        list.push(b']');
+        patch.op(Op::Add, &env, &list);
+    } else {
+        let append = ["spec", container.list.field(), &index, "env", "-"];
+        for entry in chosen {
+            patch.op(Op::Add, &append, entry);
+        }
+    }
 }
 
 /// Length of the hex prefix of the SHA-256 kept in the status annotation: enough to tell

@@ -94,7 +94,7 @@ pub struct PodView<'a> {
     /// Labels; `None` when the pod has no `labels` key.
     pub labels: Option<BTreeMap<String, String>>,
     /// Annotations; `None` when the pod has no `annotations` key.
-    pub annotations: Option<BTreeMap<String, String>>,
+    pub annotations: Option<Annotations<'a>>,
     /// Init containers, then containers.
     pub containers: Vec<ContainerView<'a>>,
 }
@@ -109,7 +109,7 @@ impl<'a> PodView<'a> {
         let (labels, annotations) = match metadata {
             Some(m) => (
                 string_map(m, "labels", "/metadata/labels")?,
-                string_map(m, "annotations", "/metadata/annotations")?,
+                string_map(m, "annotations", "/metadata/annotations")?.map(Annotations::from),
             ),
             None => (None, None),
         };
@@ -179,7 +179,7 @@ impl<'a> PodView<'a> {
             namespace: owned(self.namespace),
             has_metadata: self.has_metadata,
             labels: self.labels,
-            annotations: self.annotations,
+            annotations: self.annotations.map(Annotations::into_owned),
             containers: self
                 .containers
                 .into_iter()
@@ -206,8 +206,142 @@ impl<'a> PodView<'a> {
     }
 
     /// An annotation's value.
-    pub fn annotation(&self, key: &str) -> Option<&str> {
-        self.annotations.as_ref()?.get(key).map(String::as_str)
+    pub fn annotation(&self, key: &str) -> Option<Cow<'_, str>> {
+        self.annotations.as_ref()?.get(key)
+    }
+}
+
+/// A pod's annotations. Values read from request bytes stay as the request's JSON string
+/// literals and are decoded only when looked up: the engine reads two keys, and the others can
+/// be most of the request (CNPG's `cnpg.io/podSpec` is a JSON document inside a string, with
+/// an escape every few bytes).
+#[derive(Debug, Clone, Default)]
+pub struct Annotations<'a>(BTreeMap<Cow<'a, str>, AnnotationValue<'a>>);
+
+/// One annotation value, decoded or still a JSON string literal.
+#[derive(Debug, Clone)]
+enum AnnotationValue<'a> {
+    /// Already decoded (the value path).
+    Text(Cow<'a, str>),
+    /// A JSON string literal, quotes included, as it appears in the request.
+    Json(Cow<'a, str>),
+}
+
+impl AnnotationValue<'_> {
+    fn decode(&self) -> Cow<'_, str> {
+        match self {
+            AnnotationValue::Text(text) => Cow::Borrowed(text),
+            // Borrowed when it has no escapes. A literal that fails to decode cannot occur:
+            // the deserializer validated it; reading it as absent would be the safe answer.
+            AnnotationValue::Json(literal) => match serde_json::from_str::<&str>(literal) {
+                Ok(text) => Cow::Borrowed(text),
+                Err(_) => Cow::Owned(serde_json::from_str(literal).unwrap_or_default()),
+            },
+        }
+    }
+}
+
+impl<'a> Annotations<'a> {
+    /// The value under `key`, decoded.
+    pub fn get(&self, key: &str) -> Option<Cow<'_, str>> {
+        self.0.get(key).map(AnnotationValue::decode)
+    }
+
+    /// Whether `key` is present.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.0.contains_key(key)
+    }
+
+    /// The same annotations, owning their strings.
+    pub fn into_owned(self) -> Annotations<'static> {
+        let owned = |c: Cow<'_, str>| Cow::Owned(c.into_owned());
+        Annotations(
+            self.0
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        AnnotationValue::Text(t) => AnnotationValue::Text(owned(t)),
+                        AnnotationValue::Json(j) => AnnotationValue::Json(owned(j)),
+                    };
+                    (owned(k), v)
+                })
+                .collect(),
+        )
+    }
+}
+
+impl From<BTreeMap<String, String>> for Annotations<'_> {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        Annotations(
+            map.into_iter()
+                .map(|(k, v)| (Cow::Owned(k), AnnotationValue::Text(Cow::Owned(v))))
+                .collect(),
+        )
+    }
+}
+
+/// Equal when the same keys hold the same decoded values, however each side was read.
+impl PartialEq for Annotations<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|((ka, va), (kb, vb))| ka == kb && va.decode() == vb.decode())
+    }
+}
+
+impl Eq for Annotations<'_> {}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Annotations<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> serde::de::Visitor<'de> for Entries {
+            type Value = Annotations<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a map of strings")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut entries = BTreeMap::new();
+                while let Some((key, Literal(value))) = map.next_entry::<BorrowedKey<'de>, _>()? {
+                    // A later duplicate wins, as in the value path.
+                    entries.insert(key.0, AnnotationValue::Json(value));
+                }
+                Ok(Annotations(entries))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
+
+/// A map key, borrowed from the input unless it has escapes.
+struct BorrowedKey<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for BorrowedKey<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(transparent)]
+        struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+        Key::deserialize(deserializer).map(|k| BorrowedKey(k.0))
+    }
+}
+
+/// A JSON string literal kept undecoded; any other JSON value is refused (so the value path
+/// can name the field).
+struct Literal<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Literal<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw = <&'de serde_json::value::RawValue>::deserialize(deserializer)?;
+        if raw.get().starts_with('"') {
+            Ok(Literal(Cow::Borrowed(raw.get())))
+        } else {
+            Err(serde::de::Error::custom("annotation value is not a string"))
+        }
     }
 }
 
@@ -336,8 +470,8 @@ struct SlimMeta<'a> {
     namespace: Option<Cow<'a, str>>,
     #[serde(default)]
     labels: Option<BTreeMap<String, String>>,
-    #[serde(default)]
-    annotations: Option<BTreeMap<String, String>>,
+    #[serde(borrow, default)]
+    annotations: Option<Annotations<'a>>,
 }
 
 #[derive(Deserialize)]
