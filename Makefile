@@ -19,6 +19,7 @@ test: test-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace --all-targets
+	BENCH_QUICK=1 $(MAKE) bench # the benchmark harness's smoke: fails if it breaks, never on speed
 	bash scripts/test-manifests.sh
 	bash scripts/demo.sh >/dev/null
 	bash scripts/e2e.sh
@@ -43,14 +44,18 @@ manifests:
 golden:
 	UPDATE_GOLDEN=1 $(CARGO) test -p egress-webhook --test golden
 
+## bench: both benchmarks; JSON, Markdown tables and PNG curves land in target/bench/.
+## BENCH_QUICK=1: the CI-sized smoke (under a minute after the build).
 bench: bench-proxy bench-webhook
 
+## bench-proxy: egress-proxy beside direct, Envoy, Squid and tinyproxy, with scale curves.
 bench-proxy:
 	bash scripts/bench-proxy.sh
 
 ## bench-webhook: admission reviews/s and latency over TLS, beside a fixed-response baseline.
 bench-webhook:
 	$(CARGO) bench -p egress-webhook --bench admission
+	$(CARGO) run --release -q -p egress-bench -- plot --in target/bench/webhook.json
 
 fmt:
 	$(CARGO) fmt --all

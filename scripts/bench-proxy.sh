@@ -8,6 +8,7 @@
 #
 #   BENCH_QUICK=1   smoke run (< 60 s after the build): 1 run, 0.5 s scenarios, scale 100 and 1,000
 #   BENCH_RUNS=N    repetitions per path (default 3) for min/median/max
+#   BENCH_SCALE=L   open-tunnel levels of the scale curve (default 100,1000,8000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,6 +18,7 @@ if [[ $quick == 1 ]]; then
 else
   runs=${BENCH_RUNS:-3}; secs=5; scale=100,1000,8000
 fi
+scale=${BENCH_SCALE:-$scale}
 export PATH=$PATH:/usr/sbin # squid lives there; root's PATH may lack it in CI
 
 # Each idle tunnel holds two descriptors in a proxy, one in the generator and one in the

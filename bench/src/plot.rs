@@ -48,6 +48,9 @@ struct Chart<'a> {
     y_desc: &'a str,
     /// Lines to draw.
     series: Vec<Series>,
+    /// Corner of the legend: where the lines are not (rising curves leave the upper left
+    /// free, falling ones the upper right).
+    legend: SeriesLabelPosition,
 }
 
 /// Writes every chart the JSON at `input` supports; returns the files written.
@@ -67,18 +70,20 @@ pub fn plot(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
     match doc.get("benchmark").and_then(Value::as_str) {
         Some("proxy") => {
             let (rate, rss) = proxy_series(&doc)?;
-            for (curve, title, y_desc, series) in [
+            for (curve, title, y_desc, series, legend) in [
                 (
                     "setup-rate",
                     "Tunnel setups/s (64 workers) with N idle tunnels open",
                     "setups/s (median; bars: min-max)",
                     rate,
+                    SeriesLabelPosition::UpperRight,
                 ),
                 (
                     "rss",
                     "Proxy resident memory with N idle tunnels open",
                     "RSS, MiB (median; bars: min-max)",
                     rss,
+                    SeriesLabelPosition::UpperLeft,
                 ),
             ] {
                 let chart = Chart {
@@ -86,6 +91,7 @@ pub fn plot(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
                     x_desc: "idle tunnels held open (log)",
                     y_desc,
                     series,
+                    legend,
                 };
                 let (_, hi) = y_bounds(&chart.series);
                 written.push(draw(&out(curve), &chart, 0.0..hi * 1.1)?);
@@ -97,6 +103,7 @@ pub fn plot(input: &Path) -> anyhow::Result<Vec<PathBuf>> {
                 x_desc: "concurrent connections (log)",
                 y_desc: "latency, us (log; bars: min-max)",
                 series: webhook_series(&doc)?,
+                legend: SeriesLabelPosition::UpperLeft,
             };
             let (lo, hi) = y_bounds(&chart.series);
             written.push(draw(
@@ -283,7 +290,7 @@ where
         .label_font((FAMILY, 18))
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(chart.legend.clone())
         .draw()?;
     root.present()
         .with_context(|| format!("write {}", out.display()))?;

@@ -5,7 +5,10 @@
 //! Servers run on one single-threaded runtime and the load generator on another, each on its
 //! own OS thread, so on a 2-core machine each gets about one core. Each scenario runs for
 //! `BENCH_SECONDS` (default 5; `BENCH_QUICK=1`: 1 s, one repetition) and is repeated
-//! `BENCH_RUNS` times (default 3); min, median and max are reported.
+//! `BENCH_RUNS` times (default 3); min, median and max are reported, with the CPU share of
+//! the server thread and of the load generator's thread (from /proc/thread-self), so a
+//! reader can tell which side was the limit. Writes target/bench/webhook.json and
+//! webhook.md; `egress-bench plot --in target/bench/webhook.json` draws the latency curve.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::net::SocketAddr;
@@ -29,7 +32,11 @@ use serde_json::{Value, json};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+/// Concurrent connections of the latency curve: one API server sending one review at a
+/// time, a few in parallel, many, and more than any API server opens.
 const CONNECTIONS: [usize; 4] = [1, 8, 64, 256];
+/// Linux reports CPU times in clock ticks of 1/100 s (`getconf CLK_TCK`).
+const CLK_TCK: f64 = 100.0;
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` runs this without it, as a
@@ -59,6 +66,7 @@ fn main() {
         .with_env_filter("info")
         .init();
 
+    let load_start = loadavg();
     let dir = tempfile::tempdir().unwrap();
     let (ca, cert_path, key_path) = test_pki(dir.path());
     let body = review_body();
@@ -70,10 +78,11 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let (real_addr, baseline_addr) = {
+    let (real_addr, baseline_addr, server_cpu) = {
         let (tx, rx) = std::sync::mpsc::channel();
         let cert_path = cert_path.clone();
         std::thread::spawn(move || {
+            let server_cpu = ThreadCpu::current();
             server_rt.block_on(async move {
                 let store = CertStore::new(load_pair(&cert_path, &key_path).unwrap());
                 let tls = tokio_rustls::TlsAcceptor::from(Arc::new(server_config(store).unwrap()));
@@ -98,8 +107,12 @@ fn main() {
                 let (_stop_tx, stop) = watch::channel(false);
                 let l1 = TcpListener::bind("127.0.0.1:0").await.unwrap();
                 let l2 = TcpListener::bind("127.0.0.1:0").await.unwrap();
-                tx.send((l1.local_addr().unwrap(), l2.local_addr().unwrap()))
-                    .unwrap();
+                tx.send((
+                    l1.local_addr().unwrap(),
+                    l2.local_addr().unwrap(),
+                    server_cpu,
+                ))
+                .unwrap();
                 tokio::join!(
                     serve_tls(l1, tls.clone(), real, stop.clone(), Duration::from_secs(1)),
                     serve_tls(l2, tls, baseline, stop, Duration::from_secs(1)),
@@ -113,6 +126,8 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
+    // The generator's tasks run on this thread: `block_on` of a current-thread runtime.
+    let cpu = [server_cpu, ThreadCpu::current()];
     let body = Bytes::from(body);
     let mut rows = Vec::new();
     let levels: &[usize] = if smoke {
@@ -125,8 +140,22 @@ fn main() {
         let mut base = Vec::new();
         for _ in 0..runs {
             // Alternate so drift on a shared machine hits both alike.
-            base.push(client_rt.block_on(load(baseline_addr, &ca, conns, duration, body.clone())));
-            real.push(client_rt.block_on(load(real_addr, &ca, conns, duration, body.clone())));
+            base.push(client_rt.block_on(load(
+                baseline_addr,
+                &ca,
+                conns,
+                duration,
+                body.clone(),
+                &cpu,
+            )));
+            real.push(client_rt.block_on(load(
+                real_addr,
+                &ca,
+                conns,
+                duration,
+                body.clone(),
+                &cpu,
+            )));
         }
         rows.push((conns, summarize(&real), summarize(&base)));
     }
@@ -136,22 +165,72 @@ fn main() {
     } else {
         "webhook.json"
     };
-    report(&rows, seconds, runs, name);
+    report(&rows, seconds, runs, name, [load_start, loadavg()]);
+}
+
+/// Reads one thread's CPU time from /proc, from any thread.
+struct ThreadCpu {
+    /// `/proc/PID/task/TID/stat` of the thread.
+    stat: std::path::PathBuf,
+}
+
+impl ThreadCpu {
+    /// The calling thread's.
+    fn current() -> Self {
+        let task = std::fs::read_link("/proc/thread-self").unwrap();
+        Self {
+            stat: std::path::Path::new("/proc").join(task).join("stat"),
+        }
+    }
+
+    /// User + system CPU seconds so far.
+    fn seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(&self.stat).unwrap();
+        // Fields after the parenthesised name; utime and stime are the 12th and 13th.
+        let rest = stat.rsplit_once(')').unwrap().1;
+        let ticks: f64 = rest
+            .split_whitespace()
+            .skip(11)
+            .take(2)
+            .map(|t| t.parse::<f64>().unwrap())
+            .sum();
+        ticks / CLK_TCK
+    }
+}
+
+/// The one-minute load average, to say how busy the shared machine was.
+fn loadavg() -> f64 {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap();
+    text.split_whitespace().next().unwrap().parse().unwrap()
 }
 
 /// One scenario's result.
 #[derive(Clone, Copy)]
 struct Sample {
+    /// Reviews answered per second.
     per_second: f64,
+    /// Median latency, request sent to response read.
     p50_us: f64,
+    /// 99th percentile latency.
     p99_us: f64,
+    /// Cores the server thread used (1.0: it was the limit).
+    server_cpu: f64,
+    /// Cores the load generator's thread used (near 1.0: the generator was the limit).
+    generator_cpu: f64,
 }
 
 /// min, median, max of each figure over the repetitions.
 struct Summary {
+    /// Reviews per second.
     per_second: [f64; 3],
+    /// p50 latency, µs.
     p50_us: [f64; 3],
+    /// p99 latency, µs.
     p99_us: [f64; 3],
+    /// Server thread's CPU share.
+    server_cpu: [f64; 3],
+    /// Generator thread's CPU share.
+    generator_cpu: [f64; 3],
 }
 
 fn spread(mut v: Vec<f64>) -> [f64; 3] {
@@ -164,6 +243,8 @@ fn summarize(samples: &[Sample]) -> Summary {
         per_second: spread(samples.iter().map(|s| s.per_second).collect()),
         p50_us: spread(samples.iter().map(|s| s.p50_us).collect()),
         p99_us: spread(samples.iter().map(|s| s.p99_us).collect()),
+        server_cpu: spread(samples.iter().map(|s| s.server_cpu).collect()),
+        generator_cpu: spread(samples.iter().map(|s| s.generator_cpu).collect()),
     }
 }
 
@@ -174,11 +255,13 @@ async fn load(
     conns: usize,
     duration: Duration,
     body: Bytes,
+    cpu: &[ThreadCpu; 2],
 ) -> Sample {
     let mut senders = Vec::new();
     for _ in 0..conns {
         senders.push(connect(addr, ca).await);
     }
+    let cpu_before = cpu.each_ref().map(ThreadCpu::seconds);
     let deadline = Instant::now() + duration;
     let started = Instant::now();
     let tasks: Vec<_> = senders
@@ -209,12 +292,15 @@ async fn load(
         all.extend(t.await.unwrap());
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let [server_cpu, generator_cpu] = cpu.each_ref().map(ThreadCpu::seconds);
     all.sort_by(f64::total_cmp);
     let pct = |p: f64| all[((all.len() as f64 * p) as usize).min(all.len() - 1)];
     Sample {
         per_second: all.len() as f64 / elapsed,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        server_cpu: (server_cpu - cpu_before[0]) / elapsed,
+        generator_cpu: (generator_cpu - cpu_before[1]) / elapsed,
     }
 }
 
@@ -287,39 +373,64 @@ fn review_body() -> Vec<u8> {
     .into_bytes()
 }
 
-fn report(rows: &[(usize, Summary, Summary)], seconds: f64, runs: usize, name: &str) {
+fn report(
+    rows: &[(usize, Summary, Summary)],
+    seconds: f64,
+    runs: usize,
+    name: &str,
+    load: [f64; 2],
+) {
     let fmt = |s: &[f64; 3], d: usize| format!("{:.d$} ({:.d$}-{:.d$})", s[1], s[0], s[2]);
-    println!("\n## bench-webhook: CNPG instance pod review over TLS + HTTP/2 keep-alive");
-    println!("{seconds} s per run, {runs} run(s); median (min-max)\n");
-    println!(
-        "| connections | reviews/s | baseline/s | ratio | p50 us | p99 us | baseline p99 us |"
+    let obj = |s: &[f64; 3]| json!({"min": s[0], "median": s[1], "max": s[2]});
+    let mut md =
+        String::from("## bench-webhook: CNPG instance pod review over TLS + HTTP/2 keep-alive\n\n");
+    md += &format!(
+        "{seconds} s per run, {runs} run(s); median (min-max); load average {:.2} at start, {:.2} at end. \
+         CPU: cores used by the server thread, and by the generator thread (webhook run / baseline run).\n\n",
+        load[0], load[1]
     );
-    println!("|---:|---:|---:|---:|---:|---:|---:|");
+    md += "| connections | reviews/s | baseline/s | ratio | p50 us | baseline p50 us | p99 us | baseline p99 us | server CPU | generator CPU |\n";
+    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     let mut json_rows = Vec::new();
     for (conns, real, base) in rows {
         let ratio = real.per_second[1] / base.per_second[1];
-        println!(
-            "| {conns} | {} | {} | {ratio:.2} | {} | {} | {} |",
+        md += &format!(
+            "| {conns} | {} | {} | {ratio:.2} | {} | {} | {} | {} | {:.2} | {:.2} / {:.2} |\n",
             fmt(&real.per_second, 0),
             fmt(&base.per_second, 0),
             fmt(&real.p50_us, 0),
+            fmt(&base.p50_us, 0),
             fmt(&real.p99_us, 0),
-            fmt(&base.p99_us, 0)
+            fmt(&base.p99_us, 0),
+            real.server_cpu[1],
+            real.generator_cpu[1],
+            base.generator_cpu[1],
         );
         json_rows.push(json!({
             "connections": conns,
-            "reviews_per_second": {"min": real.per_second[0], "median": real.per_second[1], "max": real.per_second[2]},
-            "baseline_per_second": {"min": base.per_second[0], "median": base.per_second[1], "max": base.per_second[2]},
+            "reviews_per_second": obj(&real.per_second),
+            "baseline_per_second": obj(&base.per_second),
             "ratio_to_baseline": ratio,
-            "p50_us": {"min": real.p50_us[0], "median": real.p50_us[1], "max": real.p50_us[2]},
-            "p99_us": {"min": real.p99_us[0], "median": real.p99_us[1], "max": real.p99_us[2]},
-            "baseline_p50_us": {"median": base.p50_us[1]},
-            "baseline_p99_us": {"min": base.p99_us[0], "median": base.p99_us[1], "max": base.p99_us[2]},
+            "p50_us": obj(&real.p50_us),
+            "p99_us": obj(&real.p99_us),
+            "baseline_p50_us": obj(&base.p50_us),
+            "baseline_p99_us": obj(&base.p99_us),
+            "server_cpu_share": obj(&real.server_cpu),
+            "generator_cpu_share": obj(&real.generator_cpu),
+            "baseline_server_cpu_share": obj(&base.server_cpu),
+            "baseline_generator_cpu_share": obj(&base.generator_cpu),
         }));
     }
+    println!("\n{md}");
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench");
     std::fs::create_dir_all(&out).unwrap();
-    let doc = json!({"benchmark": "webhook", "seconds_per_run": seconds, "runs": runs, "protocol": "h2 over TLS 1.3", "rows": json_rows});
+    let doc = json!({
+        "benchmark": "webhook", "seconds_per_run": seconds, "runs": runs,
+        "protocol": "h2 over TLS 1.3", "loadavg_1m": {"start": load[0], "end": load[1]},
+        "rows": json_rows, "table_markdown": md,
+    });
     std::fs::write(out.join(name), serde_json::to_string_pretty(&doc).unwrap()).unwrap();
-    println!("\nsaved target/bench/{name}");
+    let md_name = std::path::Path::new(name).with_extension("md");
+    std::fs::write(out.join(&md_name), &md).unwrap();
+    println!("saved target/bench/{name} and {}", md_name.display());
 }
