@@ -187,6 +187,7 @@ fi
 # tinyproxy: CONNECT only to the sink's port, clients raised, local clients only. It
 # cannot map names to addresses of its own (it asks the system resolver, i.e. /etc/hosts),
 # so it is given the sink's address, 127.0.0.1, in CONNECT instead of the host name.
+# Started as root it drops to the package's `tinyproxy` user when that user exists.
 tiny_pid=""
 if debian_peer tinyproxy tinyproxy; then
   tiny_port=$(free_port)
@@ -204,6 +205,10 @@ LogFile "$PWD/$tp/tinyproxy.log"
 LogLevel Connect
 PidFile "$PWD/$tp/tinyproxy.pid"
 CONF
+  if [[ $(id -u) -eq 0 ]] && id tinyproxy >/dev/null 2>&1; then
+    printf 'User tinyproxy\nGroup %s\n' "$(id -gn tinyproxy)" >>"$tp/tinyproxy.conf"
+    chown -R tinyproxy "$tp"
+  fi
   tinyproxy -d -c "$tp/tinyproxy.conf" 2>"$tp/stderr.log" &
   tiny_pid=$!; pids+=("$tiny_pid")
   wait_port "127.0.0.1:$tiny_port" || { echo "bench-proxy: tinyproxy is installed but did not answer (see $tp/)" >&2; exit 1; }
