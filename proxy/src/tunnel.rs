@@ -74,7 +74,12 @@ pub(crate) async fn serve<C: ClientIo>(
                     reason: reject.reason().to_owned(),
                 })
                 .inc();
-            log(&entry, reject.status(), 0, 0, started, &reject.to_string());
+            let detail = reject.to_string();
+            let close = Logged {
+                reason: reject.reason(),
+                detail: Some(&detail),
+            };
+            log(&entry, reject.status(), 0, 0, started, close);
         }
         Ok((upstream, pipelined)) => {
             metrics
@@ -88,7 +93,10 @@ pub(crate) async fn serve<C: ClientIo>(
                 stats.up,
                 stats.down,
                 started,
-                &stats.close.reason(),
+                Logged {
+                    reason: &stats.close.reason(),
+                    detail: None,
+                },
             );
         }
     }
@@ -185,8 +193,18 @@ async fn answer_and_linger<C: AsyncRead + AsyncWrite + Unpin>(
     Ok(())
 }
 
+/// Why a connection ended, as the access log states it.
+struct Logged<'a> {
+    /// The short reason: the same word as the refusal's header and the denial metric, or the
+    /// tunnel's close reason.
+    reason: &'a str,
+    /// For refusals, the sentence the client was sent (it names the rule or the error).
+    detail: Option<&'a str>,
+}
+
 /// The access-log line: one per connection, at close.
-fn log(entry: &Entry, status: Option<u16>, up: u64, down: u64, started: Instant, reason: &str) {
+fn log(entry: &Entry, status: Option<u16>, up: u64, down: u64, started: Instant, close: Logged) {
+    let Logged { reason, detail } = close;
     let target = entry.target.as_ref().map(ToString::to_string);
     let resolved = entry.resolved.map(|a| a.to_string());
     tracing::info!(
@@ -199,6 +217,7 @@ fn log(entry: &Entry, status: Option<u16>, up: u64, down: u64, started: Instant,
         bytes_down = down,
         duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         reason,
+        detail,
         "tunnel"
     );
 }

@@ -154,6 +154,15 @@ async fn access_log_reload_and_drain() {
             .await
             .contains("host-not-allowed")
     );
+    // The access log names the refusal with the header's word, and the sentence sent.
+    let denied = loop {
+        let line = bin.log("tunnel").await;
+        if line["status"] == 403 {
+            break line;
+        }
+    };
+    assert_eq!(denied["reason"], "host-not-allowed");
+    assert_eq!(denied["detail"], "host not allowed");
     long.write_all(b"still").await.unwrap();
     let mut buf = [0u8; 5];
     long.read_exact(&mut buf).await.unwrap();
