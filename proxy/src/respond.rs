@@ -26,6 +26,10 @@ pub enum Reject {
     /// `maxTunnels` tunnels are open already.
     #[error("tunnel limit reached")]
     AtCapacity,
+    /// The drain deadline passed while the connection was still sending its head or being
+    /// connected; it is closed without an answer, like the tunnels the deadline cuts.
+    #[error("drain deadline passed before the tunnel opened")]
+    DrainDeadline,
 }
 
 impl Reject {
@@ -36,7 +40,7 @@ impl Reject {
             Self::Head(HeadError::NotConnect(_)) => 405,
             Self::Head(HeadError::Timeout) => 408,
             Self::Head(HeadError::TooLarge) => 431,
-            Self::Head(HeadError::ClientGone) => return None,
+            Self::Head(HeadError::ClientGone) | Self::DrainDeadline => return None,
             Self::Denied(_) => 403,
             Self::Dial(DialError::Resolve { .. } | DialError::Connect { .. }) => 502,
             Self::Dial(DialError::Timeout(_)) => 504,
@@ -57,6 +61,7 @@ impl Reject {
             Self::Dial(DialError::Connect { .. }) => "connect-failure",
             Self::Dial(DialError::Timeout(_)) => "connect-timeout",
             Self::AtCapacity => "tunnel-limit",
+            Self::DrainDeadline => "drain-deadline",
         }
     }
 
@@ -124,6 +129,7 @@ mod tests {
         assert_eq!(s(HeadError::Timeout.into()), Some(408));
         assert_eq!(s(HeadError::TooLarge.into()), Some(431));
         assert_eq!(s(HeadError::ClientGone.into()), None);
+        assert_eq!(s(Reject::DrainDeadline), None);
         assert_eq!(s(Reject::AtCapacity), Some(503));
         assert_eq!(
             s(DialError::Timeout(std::time::Duration::from_secs(1)).into()),

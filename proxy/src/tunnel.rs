@@ -53,7 +53,12 @@ pub(crate) async fn serve<C: ClientIo>(
         resolved: None,
     };
     let outcome = if permit.is_some() {
-        establish(&mut client, &live, &shared, &mut entry).await
+        // The head and connect phases have their own timeouts, which can outlast the drain
+        // deadline: cut them there too, so the connection still gets its access-log line.
+        tokio::select! {
+            outcome = establish(&mut client, &live, &shared, &mut entry) => outcome,
+            () = shared.force_closed() => Err(Reject::DrainDeadline),
+        }
     } else {
         Err(Reject::AtCapacity)
     };

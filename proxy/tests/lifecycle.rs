@@ -191,3 +191,44 @@ async fn access_log_reload_and_drain() {
         .unwrap();
     assert!(status.success());
 }
+
+#[tokio::test]
+async fn drain_deadline_cuts_a_half_sent_head_and_logs_it() {
+    let up = echo_upstream().await;
+    let dir = temp_dir("drain-head");
+    let config = dir.join("proxy.yaml");
+    // A head timeout longer than the drain deadline: the deadline must win.
+    let text = policy(up.addr.port()).replace("headTimeout: 500ms", "headTimeout: 1m")
+        + "drainTimeout: 300ms\n";
+    std::fs::write(&config, text).unwrap();
+    let mut bin = Running::start(&config).await;
+
+    let mut half = tokio::net::TcpStream::connect(bin.addr).await.unwrap();
+    half.write_all(b"CONNECT acct.blob.core.windows.net:")
+        .await
+        .unwrap();
+    let admin = bin.admin;
+    eventually("the proxy to hold the connection", || async move {
+        admin_get(admin, "/metrics")
+            .await
+            .contains("egress_proxy_tunnels_active 1")
+    })
+    .await;
+    bin.signal("-TERM");
+    bin.log("drain deadline passed").await;
+    let line = bin.log("tunnel").await;
+    assert_eq!(line["status"], 0);
+    assert_eq!(line["reason"], "drain-deadline");
+    // Closed without an answer, and the process exits.
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(WAIT, half.read_to_end(&mut rest))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&rest));
+    let status = tokio::time::timeout(WAIT, bin.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+}
