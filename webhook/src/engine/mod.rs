@@ -271,7 +271,10 @@ impl Injector {
         let mut metadata = MetadataEdits::default();
         self.label_edit(view, &mut metadata, &mut warnings);
         self.status_edit(view, &status, &mut metadata);
-        let mut patch = PatchWriter::new();
+        // Room for every entry in every container that gets some, plus the operations' own
+        // text (pointers, metadata): one allocation for the whole patch.
+        let entry_bytes: usize = entries.iter().map(|e| e.len() + 64).sum();
+        let mut patch = PatchWriter::with_capacity(512 + additions.len() * entry_bytes);
         metadata.write(view, &mut patch);
         for (container, to_add) in additions {
             write_env_additions(container, &to_add, &entries, &mut patch);

@@ -69,12 +69,12 @@ pub(crate) struct PatchWriter {
 }
 
 impl PatchWriter {
-    /// An empty patch.
-    pub(crate) fn new() -> Self {
-        Self {
-            json: b"[".to_vec(),
-            ops: 0,
-        }
+    /// An empty patch with room for about `bytes` of operations, so that writing them does
+    /// not grow (and copy) the buffer again and again.
+    pub(crate) fn with_capacity(bytes: usize) -> Self {
+        let mut json = Vec::with_capacity(bytes + 2);
+        json.push(b'[');
+        Self { json, ops: 0 }
     }
 
     /// Appends `{"op":OP,"path":PATH,"value":VALUE}`: `path` is the pointer's reference
@@ -165,7 +165,7 @@ mod tests {
 
     #[test]
     fn writes_operations_that_parse_as_rfc6902() {
-        let mut w = PatchWriter::new();
+        let mut w = PatchWriter::with_capacity(0);
         w.op(Op::Add, &["metadata", "labels", "a/b~c"], br#""true""#);
         w.op(Op::Replace, &["spec", "containers", "0", "env", "-"], b"[]");
         let patch = w.finish();
@@ -183,7 +183,7 @@ mod tests {
 
     #[test]
     fn empty_patch_is_an_empty_array() {
-        let patch = PatchWriter::new().finish();
+        let patch = PatchWriter::with_capacity(0).finish();
         assert!(patch.is_empty());
         assert_eq!(patch, Patch::default());
         assert!(patch.operations().unwrap().is_empty());
