@@ -344,31 +344,41 @@ async fn open_idle(args: &RunArgs, count: usize, held: &mut Vec<TcpStream>) -> u
     failed
 }
 
-/// Round trip on every held tunnel, concurrently; returns how many still work.
-async fn alive(held: Vec<TcpStream>) -> usize {
+/// Round trip on every held tunnel, concurrently; returns the ones that still work.
+async fn alive(held: Vec<TcpStream>) -> Vec<TcpStream> {
     let mut checks = JoinSet::new();
     for mut s in held {
-        checks.spawn(async move { round_trip(&mut s, &echo_payload()).await.is_ok() });
+        checks.spawn(async move {
+            round_trip(&mut s, &echo_payload()).await?;
+            anyhow::Ok(s)
+        });
     }
-    let mut ok = 0;
+    let mut ok = Vec::new();
     while let Some(done) = checks.join_next().await {
-        ok += usize::from(matches!(done, Ok(true)));
+        if let Ok(Ok(s)) = done {
+            ok.push(s);
+        }
     }
     ok
 }
 
-/// The scale curve. For each level N (ascending, each adding to the last): hold N idle
-/// tunnels open (each has carried one round trip), read the proxy's RSS, then measure the
-/// `workers`-loop setup rate on top of them. Also: RSS per idle tunnel, the slope of RSS
-/// between the lowest and highest level, and how many held tunnels still answer at the end.
+/// The scale curve, in two passes over the levels N.
+///
+/// Fill, ascending, each level adding to the last: hold N idle tunnels open (each has
+/// carried one round trip), then read the proxy's RSS. No setups run during the fill, so
+/// the RSS difference between two levels is what the idle tunnels cost (RSS per idle
+/// tunnel: the slope between the lowest and the highest level).
+///
+/// Rates, descending, closing tunnels down to each level: the `workers`-loop setup rate on
+/// top of N open tunnels. After the highest level's rate, every held tunnel does one more
+/// round trip, and the report says so if any did not answer.
 async fn scale(args: &RunArgs, fig: &mut BTreeMap<String, f64>) -> anyhow::Result<()> {
     let mut levels = args.scale.clone();
     levels.sort_unstable();
     levels.dedup();
     let rss = || args.proxy_pid.and_then(procfs::usage).map(|u| u.rss_kib);
     let mut held = Vec::new();
-    let mut first: Option<(usize, f64)> = None;
-    let mut last: Option<(usize, f64)> = None;
+    let mut curve = Vec::new();
     for &n in &levels {
         let failed = open_idle(args, n.saturating_sub(held.len()), &mut held).await;
         if failed > 0 {
@@ -381,15 +391,10 @@ async fn scale(args: &RunArgs, fig: &mut BTreeMap<String, f64>) -> anyhow::Resul
         tokio::time::sleep(SETTLE).await;
         if let Some(kib) = rss() {
             fig.insert(format!("scale_{n}_rss_kib"), kib);
-            first.get_or_insert((held.len(), kib));
-            last = Some((held.len(), kib));
+            curve.push((held.len(), kib));
         }
-        let key = format!("scale_{n}_setup_rate_{}w", args.workers);
-        setup_rate(args, &key, fig)
-            .await
-            .with_context(|| format!("setup rate with {n} tunnels open"))?;
     }
-    if let (Some((n0, r0)), Some((n1, r1))) = (first, last)
+    if let (Some(&(n0, r0)), Some(&(n1, r1))) = (curve.first(), curve.last())
         && n1 > n0
     {
         fig.insert(
@@ -397,7 +402,21 @@ async fn scale(args: &RunArgs, fig: &mut BTreeMap<String, f64>) -> anyhow::Resul
             (r1 - r0) / (n1 - n0) as f64,
         );
     }
-    fig.insert("scale_alive_at_end".into(), alive(held).await as f64);
+    for (i, &n) in levels.iter().rev().enumerate() {
+        if held.len() > n {
+            held.truncate(n);
+            tokio::time::sleep(SETTLE).await;
+        }
+        let key = format!("scale_{n}_setup_rate_{}w", args.workers);
+        setup_rate(args, &key, fig)
+            .await
+            .with_context(|| format!("setup rate with {n} tunnels open"))?;
+        if i == 0 {
+            held = alive(held).await;
+            fig.insert("scale_alive_at_end".into(), held.len() as f64);
+        }
+    }
+    drop(held);
     tokio::time::sleep(SETTLE).await;
     Ok(())
 }
