@@ -30,7 +30,10 @@ fuzz_target!(|data: &[u8]| {
     let Some(patch) = answer["response"]["patch"].as_str() else { return };
     let patch = base64::engine::general_purpose::STANDARD.decode(patch).expect("patch is base64");
     let patch: json_patch::Patch = serde_json::from_slice(&patch).expect("patch is RFC 6902");
-    let request: Value = serde_json::from_slice(data).expect("a patched request was JSON");
+    // JSON's grammar allows what serde_json's Value refuses and its skipping does not check:
+    // a lone surrogate escape (`\ud800`) or a number beyond f64 in a field the review skips.
+    // The API server never sends either; there is no object to apply the patch to.
+    let Ok(request) = serde_json::from_slice::<Value>(data) else { return };
     let mut object = request["request"]["object"].clone();
     json_patch::patch(&mut object, &patch).expect("the patch applies to the request's object");
 });
