@@ -11,6 +11,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::engine::patch::push_json;
 use crate::engine::pod::{PodFields, PodShapeError, PodView};
 use crate::engine::{Decision, Injector, Operation, PodContext};
 
@@ -228,25 +229,13 @@ fn answer<'a, P: PodSource<'a>>(
             request.sub_resource.as_deref().unwrap_or_default(),
             request.operation.as_deref().unwrap_or_default(),
         );
-        return allowed(
-            &request.uid,
-            None,
-            vec![reason.clone()],
-            ReviewResult::NotPodCreate,
-            record.with_reason(reason),
-        );
+        return unchanged(&request.uid, ReviewResult::NotPodCreate, reason, record);
     };
     let view = match object.view() {
         Ok(view) => view,
         Err(e) => {
             let reason = format!("egress-gate: pod not injected: {e}");
-            return allowed(
-                &request.uid,
-                None,
-                vec![reason.clone()],
-                ReviewResult::Unparseable,
-                record.with_reason(reason),
-            );
+            return unchanged(&request.uid, ReviewResult::Unparseable, reason, record);
         }
     };
     if record.pod.is_empty() {
@@ -298,6 +287,17 @@ fn parse_operation(op: &str) -> Option<Operation> {
     }
 }
 
+/// Allowed without a patch, for a reason that goes to the user as a warning and to the log.
+fn unchanged(uid: &str, result: ReviewResult, reason: String, record: ReviewRecord) -> Reply {
+    allowed(
+        uid,
+        None,
+        vec![reason.clone()],
+        result,
+        record.with_reason(reason),
+    )
+}
+
 /// The 200 answer: `response.uid` echoed, `allowed: true`, and the patch when there is one.
 fn allowed(
     uid: &str,
@@ -324,7 +324,7 @@ fn response_bytes(uid: &str, patch: Option<&[u8]>, warnings: &[String]) -> Vec<u
     out.extend_from_slice(br#"{"apiVersion":""#);
     out.extend_from_slice(API_VERSION.as_bytes());
     out.extend_from_slice(br#"","kind":"AdmissionReview","response":{"uid":"#);
-    write_json(&mut out, uid);
+    push_json(&mut out, uid);
     out.extend_from_slice(br#","allowed":true"#);
     if let Some(patch) = patch {
         out.extend_from_slice(br#","patchType":"JSONPatch","patch":""#);
@@ -340,17 +340,10 @@ fn response_bytes(uid: &str, patch: Option<&[u8]>, warnings: &[String]) -> Vec<u
     }
     if !warnings.is_empty() {
         out.extend_from_slice(br#","warnings":"#);
-        write_json(&mut out, &warnings);
+        push_json(&mut out, warnings);
     }
     out.extend_from_slice(b"}}");
     out
-}
-
-/// Appends `value` as JSON. Strings and lists of strings always serialize.
-fn write_json<T: serde::Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    if let Err(e) = serde_json::to_writer(&mut *out, value) {
-        unreachable!("strings always serialize: {e}")
-    }
 }
 
 fn bad_request(message: String) -> Reply {

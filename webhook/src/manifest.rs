@@ -210,30 +210,21 @@ fn inject_object(
         e.path = format!("{template_at}{}", e.path);
         shape_error(e)
     })?;
-    let prefix = Pointer::parse(template_at).map_err(|e| ManifestError::Patch {
+    let patch_error = |message: String| ManifestError::Patch {
         document,
         kind: kind.clone(),
         name: display_name.clone(),
-        message: e.to_string(),
-    })?;
+        message,
+    };
+    let prefix = Pointer::parse(template_at).map_err(|e| patch_error(e.to_string()))?;
     let mut patch = mutation
         .patch
         .operations()
-        .map_err(|e| ManifestError::Patch {
-            document,
-            kind: kind.clone(),
-            name: display_name.clone(),
-            message: e.to_string(),
-        })?;
+        .map_err(|e| patch_error(e.to_string()))?;
     for op in &mut patch {
         prefix_path(op, prefix);
     }
-    json_patch::patch(&mut object, &patch).map_err(|e| ManifestError::Patch {
-        document,
-        kind: kind.clone(),
-        name: display_name.clone(),
-        message: e.to_string(),
-    })?;
+    json_patch::patch(&mut object, &patch).map_err(|e| patch_error(e.to_string()))?;
     Ok(InjectedObject {
         document,
         kind,

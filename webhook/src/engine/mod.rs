@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::config::Config;
 use no_proxy::{LOOPBACK, NoProxyList, kubernetes_service_ip};
 pub use patch::Patch;
-use patch::{Op, PatchWriter, json_object, push_json_str};
+use patch::{Op, PatchWriter, json_object, push_json};
 use pod::{ContainerList, ContainerView, PodShapeError, PodView};
 
 /// Facts about the cluster that shape NO_PROXY. From the config, or discovered from the API.
@@ -427,33 +427,16 @@ impl MetadataEdits {
     /// Writes the operations: one `add` of `metadata` when the pod has none, one `add` per
     /// missing map, else one `add` or `replace` per key.
     fn write(self, view: &PodView<'_>, patch: &mut PatchWriter) {
-        let object = |entries: &[(String, String)]| {
-            json_object(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-        };
-        // For each map the pod has: whether each key to set is already there (replace) or
-        // not (add).
-        let present = |entries: &[(String, String)], contains: &dyn Fn(&str) -> bool| {
-            entries.iter().map(|(k, _)| contains(k)).collect::<Vec<_>>()
-        };
-        let label_keys = view
-            .labels
-            .as_ref()
-            .map(|m| present(&self.labels, &|k| m.contains_key(k)));
-        let annotation_keys = view
-            .annotations
-            .as_ref()
-            .map(|m| present(&self.annotations, &|k| m.contains_key(k)));
-        let maps = [
-            ("labels", self.labels, label_keys),
-            ("annotations", self.annotations, annotation_keys),
-        ];
         if !view.has_metadata {
             let mut metadata = Vec::new();
-            for (name, entries, _) in maps.iter().filter(|(_, e, _)| !e.is_empty()) {
+            for (name, entries) in [("labels", &self.labels), ("annotations", &self.annotations)] {
+                if entries.is_empty() {
+                    continue;
+                }
                 metadata.push(if metadata.is_empty() { b'{' } else { b',' });
-                push_json_str(&mut metadata, name);
+                push_json(&mut metadata, name);
                 metadata.push(b':');
-                metadata.extend(object(entries));
+                metadata.extend(string_object(entries));
             }
             if !metadata.is_empty() {
                 metadata.push(b'}');
@@ -461,20 +444,44 @@ impl MetadataEdits {
             }
             return;
         }
-        for (name, entries, existing) in maps {
-            match existing {
-                None if entries.is_empty() => {}
-                None => patch.op(Op::Add, &["metadata", name], &object(&entries)),
-                Some(existing) => {
-                    for ((key, value), exists) in entries.into_iter().zip(existing) {
-                        let mut literal = Vec::new();
-                        push_json_str(&mut literal, &value);
-                        let op = if exists { Op::Replace } else { Op::Add };
-                        patch.op(op, &["metadata", name, &key], &literal);
-                    }
-                }
-            }
-        }
+        let labels = view.labels.as_ref();
+        write_map(
+            patch,
+            "labels",
+            self.labels,
+            labels.map(|m| |k: &str| m.contains_key(k)),
+        );
+        let annotations = view.annotations.as_ref();
+        let has_annotation = annotations.map(|m| |k: &str| m.contains_key(k));
+        write_map(patch, "annotations", self.annotations, has_annotation);
+    }
+}
+
+/// A JSON object of string members, in order.
+fn string_object(entries: &[(String, String)]) -> Vec<u8> {
+    json_object(entries.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+/// Writes the entries of one metadata map: one `add` of the whole map when the pod has none
+/// (`has_key` is `None`), else per key a `replace` when present and an `add` when not.
+fn write_map(
+    patch: &mut PatchWriter,
+    name: &str,
+    entries: Vec<(String, String)>,
+    has_key: Option<impl Fn(&str) -> bool>,
+) {
+    if entries.is_empty() {
+        return;
+    }
+    let Some(has_key) = has_key else {
+        patch.op(Op::Add, &["metadata", name], &string_object(&entries));
+        return;
+    };
+    for (key, value) in entries {
+        let mut literal = Vec::new();
+        push_json(&mut literal, &value);
+        let op = if has_key(&key) { Op::Replace } else { Op::Add };
+        patch.op(op, &["metadata", name, &key], &literal);
     }
 }
 

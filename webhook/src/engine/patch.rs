@@ -86,7 +86,7 @@ impl PatchWriter {
         self.json.extend_from_slice(br#"{"op":""#);
         self.json.extend_from_slice(op.as_str().as_bytes());
         self.json.extend_from_slice(br#"","path":"#);
-        push_json_str(&mut self.json, &pointer(path));
+        push_json(&mut self.json, &pointer(path));
         self.json.extend_from_slice(br#","value":"#);
         self.json.extend_from_slice(value_json);
         self.json.push(b'}');
@@ -138,10 +138,10 @@ pub(crate) fn pointer(tokens: &[&str]) -> String {
     out
 }
 
-/// Appends `s` as a JSON string literal (escaped as RFC 8259 requires).
-pub(crate) fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    // Writing a string into a Vec cannot fail: there is no I/O and no non-string key.
-    let _infallible = serde_json::to_writer(out, s);
+/// Appends `value` as JSON (strings escaped as RFC 8259 requires).
+pub(crate) fn push_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
+    // Writing strings and lists of strings into a Vec cannot fail: no I/O, no map keys.
+    let _infallible = serde_json::to_writer(out, value);
 }
 
 /// A JSON object of string members, in the given order.
@@ -151,9 +151,9 @@ pub(crate) fn json_object<'a>(members: impl IntoIterator<Item = (&'a str, &'a st
         if i > 0 {
             out.push(b',');
         }
-        push_json_str(&mut out, key);
+        push_json(&mut out, key);
         out.push(b':');
-        push_json_str(&mut out, value);
+        push_json(&mut out, value);
     }
     out.push(b'}');
     out

@@ -319,16 +319,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for Annotations<'a> {
 }
 
 /// A map key, borrowed from the input unless it has escapes.
-struct BorrowedKey<'a>(Cow<'a, str>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for BorrowedKey<'a> {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(transparent)]
-        struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
-        Key::deserialize(deserializer).map(|k| BorrowedKey(k.0))
-    }
-}
+#[derive(Deserialize)]
+#[serde(transparent)]
+struct BorrowedKey<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// A JSON string literal kept undecoded; any other JSON value is refused (so the value path
 /// can name the field).
