@@ -578,9 +578,7 @@ mod tests {
             operation: Operation::Create,
             services: &services,
         };
-        let list = injector
-            .no_proxy_for(None, &Default::default(), &ctx)
-            .to_env_value();
+        let list = injector.no_proxy_for(None, &Default::default(), &ctx);
         assert_eq!(
             list,
             "localhost,127.0.0.1,::1,aks-abc.hcp.westeurope.azmk8s.io,10.0.0.1,kubernetes,kubernetes.default,\

@@ -185,10 +185,7 @@ fn main() -> ExitCode {
                     operation: egress_webhook::engine::Operation::Create,
                     services: &[],
                 };
-                println!(
-                    "NO_PROXY: {}",
-                    injector.no_proxy_for(None, &labels, &ctx).to_env_value()
-                );
+                println!("NO_PROXY: {}", injector.no_proxy_for(None, &labels, &ctx));
                 ExitCode::SUCCESS
             }
             Err(code) => code,

@@ -162,9 +162,20 @@ struct EnvPair {
 }
 
 impl EnvPair {
-    /// The env entry `{"name":NAME,"value":VALUE}` as JSON.
-    fn entry_json(&self, name: &str) -> Vec<u8> {
-        json_object([("name", name), ("value", self.value.as_str())])
+    /// The two env entries `{"name":NAME,"value":VALUE}` as JSON, upper-case name first.
+    /// The value (NO_PROXY runs to hundreds of bytes) is escaped once for both.
+    fn entries_json(&self) -> [Vec<u8>; 2] {
+        let mut value = Vec::with_capacity(self.value.len() + 2);
+        push_json(&mut value, &self.value);
+        [self.upper, self.lower].map(|name| {
+            let mut entry = Vec::with_capacity(name.len() + value.len() + 22);
+            entry.extend_from_slice(br#"{"name":"#);
+            push_json(&mut entry, name);
+            entry.extend_from_slice(br#","value":"#);
+            entry.extend_from_slice(&value);
+            entry.push(b'}');
+            entry
+        })
     }
 }
 
@@ -243,13 +254,10 @@ impl Injector {
         };
 
         let no_proxy = self.no_proxy_for(profile, labels, ctx);
-        let pairs = self.env_pairs(no_proxy.to_env_value());
+        let pairs = self.env_pairs(no_proxy);
         let values_hash = values_hash(&pairs);
         // Each variable's env entry, rendered once: [upper, lower] per pair.
-        let entries: Vec<Vec<u8>> = pairs
-            .iter()
-            .flat_map(|p| [p.upper, p.lower].map(|name| p.entry_json(name)))
-            .collect();
+        let entries: Vec<Vec<u8>> = pairs.iter().flat_map(EnvPair::entries_json).collect();
 
         let mut additions = Vec::new();
         let mut carrying = Vec::new();
@@ -289,14 +297,15 @@ impl Injector {
         }
     }
 
-    /// The NO_PROXY list for one pod.
+    /// The NO_PROXY value for one pod: the cluster's entries, then the pod's peer services,
+    /// then the admin's extras, each once.
     pub fn no_proxy_for(
         &self,
         profile: Option<&profile::Profile>,
         labels: &BTreeMap<String, String>,
         ctx: &PodContext<'_>,
-    ) -> NoProxyList {
-        let mut list = self.cluster_no_proxy.clone();
+    ) -> String {
+        let mut pod = NoProxyList::new();
         let peers = profile
             .into_iter()
             .flat_map(|p| &p.peer_services)
@@ -304,11 +313,11 @@ impl Injector {
             .chain(ctx.services.iter().cloned());
         for service in peers {
             // `svc` resolves through the pod's search path; `svc.ns` is the other short form.
-            list.push(format!("{service}.{}", ctx.namespace));
-            list.push(service);
+            pod.push(format!("{service}.{}", ctx.namespace));
+            pod.push(service);
         }
-        list.extend(self.config.no_proxy.iter().cloned());
-        list
+        pod.extend(self.config.no_proxy.iter().cloned());
+        self.cluster_no_proxy.to_env_value_with(&pod)
     }
 
     fn env_pairs(&self, no_proxy: String) -> Vec<EnvPair> {
@@ -478,7 +487,7 @@ fn write_map(
         return;
     };
     for (key, value) in entries {
-        let mut literal = Vec::new();
+        let mut literal = Vec::with_capacity(value.len() + 2);
         push_json(&mut literal, &value);
         let op = if has_key(&key) { Op::Replace } else { Op::Add };
         patch.op(op, &["metadata", name, &key], &literal);
@@ -528,7 +537,12 @@ fn values_hash(pairs: &[EnvPair]) -> String {
             hasher.update(b"\n");
         }
     }
-    let digest = hasher.finalize();
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("sha256:{}", &hex[..HASH_HEX_LEN])
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity("sha256:".len() + HASH_HEX_LEN);
+    out.push_str("sha256:");
+    for b in hasher.finalize().iter().take(HASH_HEX_LEN / 2) {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
 }

@@ -72,6 +72,24 @@ impl NoProxyList {
     pub fn to_env_value(&self) -> String {
         self.entries.join(",")
     }
+
+    /// The value of this list followed by `more`, as if `more`'s entries had been pushed
+    /// onto a copy of it, without copying it (the per-review path: a fixed cluster part and
+    /// a few entries per pod).
+    pub fn to_env_value_with(&self, more: &NoProxyList) -> String {
+        let mut value = self.to_env_value();
+        let new = more
+            .entries
+            .iter()
+            .filter(|m| !self.entries.iter().any(|e| e.eq_ignore_ascii_case(m)));
+        for entry in new {
+            if !value.is_empty() {
+                value.push(',');
+            }
+            value.push_str(entry);
+        }
+        value
+    }
 }
 
 /// The ClusterIP of the `kubernetes` Service: the first address of the primary service CIDR.
@@ -102,6 +120,29 @@ mod tests {
         list.extend(LOOPBACK);
         list.extend(["pg-rw", "PG-RW", "localhost", "", "pg-ro"]);
         assert_eq!(list.to_env_value(), "localhost,127.0.0.1,::1,pg-rw,pg-ro");
+    }
+
+    #[test]
+    fn value_with_more_equals_the_value_of_the_extended_list() {
+        let mut cluster = NoProxyList::new();
+        cluster.extend(["localhost", "10.0.0.0/8", ".svc"]);
+        let mut pod = NoProxyList::new();
+        pod.extend(["pg-rw.db", "LOCALHOST", "pg-rw", ".svc", "minio"]);
+        let mut extended = cluster.clone();
+        extended.extend(pod.entries().iter().cloned());
+        assert_eq!(cluster.to_env_value_with(&pod), extended.to_env_value());
+        assert_eq!(
+            cluster.to_env_value_with(&pod),
+            "localhost,10.0.0.0/8,.svc,pg-rw.db,pg-rw,minio"
+        );
+        assert_eq!(
+            NoProxyList::new().to_env_value_with(&pod),
+            pod.to_env_value()
+        );
+        assert_eq!(
+            cluster.to_env_value_with(&NoProxyList::new()),
+            cluster.to_env_value()
+        );
     }
 
     #[test]

@@ -124,9 +124,13 @@ impl Op {
 /// A JSON pointer from reference tokens, escaped as RFC 6901 requires (`~` as `~0`, then `/`
 /// as `~1`).
 pub(crate) fn pointer(tokens: &[&str]) -> String {
-    let mut out = String::new();
+    let mut out = String::with_capacity(tokens.iter().map(|t| t.len() + 1).sum());
     for token in tokens {
         out.push('/');
+        if !token.contains(['~', '/']) {
+            out.push_str(token);
+            continue;
+        }
         for c in token.chars() {
             match c {
                 '~' => out.push_str("~0"),
