@@ -23,9 +23,14 @@ use egress_webhook::bootstrap::{KubeStore, ensure};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+// The names `deploy/base` installs, so the paths checked are the ones a cluster sees.
+/// The webhook's namespace (`POD_NAMESPACE`).
 const NAMESPACE: &str = "egress-gate";
+/// `--secret-name`.
 const SECRET: &str = "egress-webhook-tls";
+/// `--webhook-config-name`.
 const CONFIG: &str = "egress-gate";
+/// The one webhook in that configuration.
 const WEBHOOK: &str = "pods.egress-gate.io";
 
 /// What the stand-in holds, and every request it saw.
