@@ -386,16 +386,22 @@ fn report(
         String::from("## bench-webhook: CNPG instance pod review over TLS + HTTP/2 keep-alive\n\n");
     md += &format!(
         "{seconds} s per run, {runs} run(s); median (min-max); load average {:.2} at start, {:.2} at end. \
-         CPU: cores used by the server thread, and by the generator thread (webhook run / baseline run).\n\n",
+         CPU: cores used by the server thread, and by the generator thread (webhook run / baseline run). \
+         Server CPU per request: the server thread's CPU time over the requests it answered, webhook / baseline; \
+         their ratio (baseline / webhook) is the throughput ratio a server-bound baseline would give.\n\n",
         load[0], load[1]
     );
-    md += "| connections | reviews/s | baseline/s | ratio | p50 us | baseline p50 us | p99 us | baseline p99 us | server CPU | generator CPU |\n";
-    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
+    md += "| connections | reviews/s | baseline/s | ratio | p50 us | baseline p50 us | p99 us | baseline p99 us | server CPU | generator CPU | server CPU us per request | CPU ratio |\n";
+    md += "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n";
     let mut json_rows = Vec::new();
     for (conns, real, base) in rows {
         let ratio = real.per_second[1] / base.per_second[1];
+        // Medians of shares over medians of rates: runs are paired, so these stay comparable.
+        let real_us = real.server_cpu[1] / real.per_second[1] * 1e6;
+        let base_us = base.server_cpu[1] / base.per_second[1] * 1e6;
+        let cpu_ratio = base_us / real_us;
         md += &format!(
-            "| {conns} | {} | {} | {ratio:.2} | {} | {} | {} | {} | {:.2} | {:.2} / {:.2} |\n",
+            "| {conns} | {} | {} | {ratio:.2} | {} | {} | {} | {} | {:.2} | {:.2} / {:.2} | {real_us:.1} / {base_us:.1} | {cpu_ratio:.2} |\n",
             fmt(&real.per_second, 0),
             fmt(&base.per_second, 0),
             fmt(&real.p50_us, 0),
@@ -419,6 +425,9 @@ fn report(
             "generator_cpu_share": obj(&real.generator_cpu),
             "baseline_server_cpu_share": obj(&base.server_cpu),
             "baseline_generator_cpu_share": obj(&base.generator_cpu),
+            "server_cpu_us_per_request": real_us,
+            "baseline_server_cpu_us_per_request": base_us,
+            "cpu_ratio_to_baseline": cpu_ratio,
         }));
     }
     println!("\n{md}");
