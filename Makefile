@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 WEBHOOK := target/debug/egress-webhook
 
-.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook fuzz-webhook e2e manifests golden clean
+.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook fuzz fuzz-webhook fuzz-proxy e2e manifests golden clean
 
 all: build
 
@@ -30,9 +30,17 @@ test: test-deps
 test-deps:
 	bash scripts/test-deps.sh
 
-## fuzz-webhook: run the admission review fuzzer (FUZZ_SECONDS, default 600).
+## fuzz: both fuzzers, one after the other (FUZZ_SECONDS each, default 600). Needs cargo-fuzz;
+## RUSTC_BOOTSTRAP=1 lets the stable toolchain take the sanitizer flags.
+fuzz: fuzz-webhook fuzz-proxy
+
+## fuzz-webhook: the admission review handler on arbitrary bodies.
 fuzz-webhook:
 	cd webhook && RUSTC_BOOTSTRAP=1 cargo fuzz run admission_review -- -max_total_time=$${FUZZ_SECONDS:-600}
+
+## fuzz-proxy: the CONNECT head parser and the policy on arbitrary bytes.
+fuzz-proxy:
+	cd proxy && RUSTC_BOOTSTRAP=1 cargo fuzz run connect_head -- -max_total_time=$${FUZZ_SECONDS:-600}
 
 ## e2e: PostgreSQL backs up to Azurite through egress-proxy in network namespaces (root).
 e2e:
