@@ -90,7 +90,9 @@ pub fn parse_authority(s: &str) -> Result<Target, HeadError> {
         let (host, port) = s
             .rsplit_once(':')
             .ok_or(HeadError::Malformed("target is not host:port"))?;
-        let host = match host.parse::<std::net::Ipv4Addr>() {
+        // `10.0.0.1.` is the address 10.0.0.1, as a trailing dot on a name is that name.
+        let dotted = host.strip_suffix('.').unwrap_or(host);
+        let host = match dotted.parse::<std::net::Ipv4Addr>() {
             Ok(ip) => Host::Ip(IpAddr::V4(ip)),
             Err(_) => {
                 Host::Name(normalize_name(host).map_err(|_| HeadError::Malformed("bad host name"))?)
@@ -340,7 +342,20 @@ mod tests {
             Host::Ip("169.254.169.254".parse().unwrap())
         );
         assert_eq!(target("A.COM.:8443").port, 8443);
+        // A trailing dot on an address is still the address (found by the fuzzer: it was
+        // read as a name and printed back as an address).
+        assert_eq!(
+            target("16.0.0.14.:84"),
+            Target {
+                host: Host::Ip("16.0.0.14".parse().unwrap()),
+                port: 84
+            }
+        );
         for bad in [
+            "127.1:443",
+            "0x7f.0.0.1:443",
+            "2130706433:443",
+            "127.0.0.1..:443",
             "a.com",
             "a.com:",
             ":443",

@@ -101,7 +101,10 @@ impl fmt::Display for Target {
 }
 
 /// Lower-cases a DNS name, drops one trailing dot and checks it is a plausible host name
-/// (letters, digits, `-`, `_` and dots; no empty labels).
+/// (letters, digits, `-`, `_` and dots; no empty labels). A last label of digits, or of
+/// `0x` and hex digits, is refused: no top-level domain looks like that, and resolvers read
+/// such names (`127.1`, `0x7f.1`, `2130706433`) as IPv4 addresses, which must go through
+/// the IP-literal rules instead.
 pub fn normalize_name(name: &str) -> Result<String, String> {
     let name = name.strip_suffix('.').unwrap_or(name);
     if name.is_empty() || name.len() > MAX_NAME_LEN {
@@ -118,6 +121,16 @@ pub fn normalize_name(name: &str) -> Result<String, String> {
         .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
     {
         return Err(format!("{name:?} is not a host name (characters)"));
+    }
+    let last = name.rsplit('.').next().unwrap_or(name);
+    let hex = last
+        .strip_prefix("0x")
+        .or_else(|| last.strip_prefix("0X"))
+        .is_some_and(|h| h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if hex || last.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!(
+            "{name:?} is not a host name (numeric last label: an IPv4 address, which goes in cidrs)"
+        ));
     }
     Ok(name.to_ascii_lowercase())
 }
@@ -535,6 +548,26 @@ mod tests {
         assert!(normalize_name(&"a".repeat(254)).is_err());
         assert!(normalize_name(&format!("{}.com", "a".repeat(64))).is_err());
         assert_eq!(normalize_name("A-b_c.D."), Ok("a-b_c.d".into()));
+        // What resolvers would read as IPv4 addresses is not a name.
+        for numeric in [
+            "127.1",
+            "10.0.0.1",
+            "2130706433",
+            "0x7f.1",
+            "a.0X1F",
+            "a.b.443.",
+        ] {
+            assert!(normalize_name(numeric).is_err(), "{numeric}");
+        }
+        // Digits elsewhere, or hex-looking letters, are fine.
+        for ok in [
+            "1password.com",
+            "10-0-0-1.nip.io",
+            "0x7f.com",
+            "a.b.deadbeef",
+        ] {
+            assert!(normalize_name(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

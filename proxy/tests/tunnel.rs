@@ -69,6 +69,7 @@ async fn ip_literals_are_denied_without_a_cidr_rule() {
     let port = up.addr.port();
     for target in [
         format!("127.0.0.1:{port}"),
+        format!("127.0.0.1.:{port}"),
         format!("[::1]:{port}"),
         format!("[::ffff:127.0.0.1]:{port}"),
         "169.254.169.254:80".to_owned(),
@@ -198,12 +199,15 @@ async fn get_in_absolute_form_is_405() {
 #[tokio::test]
 async fn malformed_heads_are_400() {
     let (up, p) = setup().await;
-    let heads: [(&[u8], &str); 4] = [
+    let heads: [(&[u8], &str); 6] = [
         (
             b"CONNECT acct.blob.core.windows.net HTTP/1.1\r\n\r\n",
             "target is not host:port",
         ),
         (b"CONNECT ::1:443 HTTP/1.1\r\n\r\n", "bad host name"),
+        // What a resolver reads as 127.0.0.1 is neither a name nor an address here.
+        (b"CONNECT 127.1:443 HTTP/1.1\r\n\r\n", "bad host name"),
+        (b"CONNECT 2130706433:443 HTTP/1.1\r\n\r\n", "bad host name"),
         (
             b"CONNECT acct.blob.core.windows.net:99999 HTTP/1.1\r\n\r\n",
             "bad port",
