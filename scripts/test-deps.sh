@@ -23,10 +23,11 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# A full `make test` writes about GB_NEEDED of build output under target/ (debug tests, the
-# release bench and e2e builds); say so up front rather than let the linker die half-way.
-GB_NEEDED=4
+# A full `make test` writes about GB_NEEDED GiB of build output under target/ (the debug
+# tests, the release benchmarks) and the e2e's packages take up to one more; say so up front
+# rather than let the linker die half-way (seen in CI: ld killed by SIGBUS on a full disk).
+GB_NEEDED=3
 free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
 if [[ $free_kb =~ ^[0-9]+$ ]] && ((free_kb < GB_NEEDED * 1024 * 1024)); then
-  echo "test-deps: warning: only $((free_kb / 1024)) MiB free on $(df -P . | awk 'NR == 2 { print $6 }'); make test writes about ${GB_NEEDED} GiB under target/" >&2
+  echo "test-deps: warning: only $((free_kb / 1024)) MiB free on $(df -P . | awk 'NR == 2 { print $6 }'); make test writes about ${GB_NEEDED} GiB under target/, plus packages" >&2
 fi
