@@ -97,7 +97,8 @@ pub struct Config {
     /// Time allowed to receive the whole request head (408 past it).
     #[serde(default = "default_head_timeout")]
     pub head_timeout: HumanDuration,
-    /// Time allowed to resolve and connect to the destination (504 past it).
+    /// Time allowed to resolve and connect to the destination: past it, 502 while DNS has
+    /// not answered, 504 while the connect has not finished.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout: HumanDuration,
     /// A tunnel on which neither direction moved a byte for this long is closed.

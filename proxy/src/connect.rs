@@ -161,7 +161,7 @@ pub enum DialError {
         /// The error.
         source: io::Error,
     },
-    /// Resolution and connection did not finish within `connectTimeout`.
+    /// The connect did not finish within `connectTimeout` (DNS had answered in time).
     #[error("no connection within {0:?}")]
     Timeout(Duration),
 }
@@ -189,6 +189,23 @@ pub async fn resolve(target: &Target, grant: &Grant) -> Result<Vec<IpAddr>, Dial
         }
     }
     Ok(addrs)
+}
+
+/// Waits for `lookup` until `deadline`. A resolver that has not answered by then is a DNS
+/// failure (502 `dns-failure`, naming the name), not a connect timeout: nothing was dialled,
+/// and the admin should look at DNS, not at the destination.
+async fn resolve_by(
+    deadline: Instant,
+    target: &Target,
+    lookup: impl Future<Output = Result<Vec<IpAddr>, DialError>>,
+) -> Result<Vec<IpAddr>, DialError> {
+    match tokio::time::timeout_at(deadline, lookup).await {
+        Ok(found) => found,
+        Err(_) => Err(DialError::Resolve {
+            name: target.host.to_string(),
+            source: io::Error::new(io::ErrorKind::TimedOut, "no answer within connectTimeout"),
+        }),
+    }
 }
 
 /// Puts the two families in alternating order (first family first), so that a dead family
@@ -261,10 +278,9 @@ pub async fn connect(
     keepalive: Duration,
 ) -> Result<Result<(TcpStream, SocketAddr), DialError>, crate::policy::Denial> {
     let deadline = Instant::now() + timeout;
-    let resolved = match tokio::time::timeout_at(deadline, resolve(target, grant)).await {
-        Ok(Ok(addrs)) => addrs,
-        Ok(Err(e)) => return Ok(Err(e)),
-        Err(_) => return Ok(Err(DialError::Timeout(timeout))),
+    let resolved = match resolve_by(deadline, target, resolve(target, grant)).await {
+        Ok(addrs) => addrs,
+        Err(e) => return Ok(Err(e)),
     };
     let allowed = policy.filter(grant, &resolved)?;
     Ok(dial(
@@ -374,6 +390,20 @@ mod tests {
         ] {
             assert!(parse_authority(bad).is_err(), "{bad}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_resolver_that_never_answers_is_a_dns_failure() {
+        let t = target("acct.blob.core.windows.net:443");
+        let deadline = Instant::now() + Duration::from_millis(20);
+        let e = resolve_by(deadline, &t, std::future::pending())
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DialError::Resolve { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "cannot resolve acct.blob.core.windows.net: no answer within connectTimeout"
+        );
     }
 
     #[test]
