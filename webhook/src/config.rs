@@ -46,6 +46,12 @@ pub struct Config {
     pub service_cidrs: Vec<IpNet>,
     /// Pod CIDRs: pod-to-pod traffic (replication, metrics) stays direct.
     pub pod_cidrs: Vec<IpNet>,
+    /// `service_cidrs` is the built-in guess (the file names none): ranges discovery finds
+    /// replace it instead of joining it, so an AKS cluster's NO_PROXY does not carry
+    /// kubeadm's range.
+    pub service_cidrs_defaulted: bool,
+    /// The same for `pod_cidrs`.
+    pub pod_cidrs_defaulted: bool,
     /// API server names and IPs beyond the in-cluster ones (for example an AKS
     /// `*.azmk8s.io` name); client-go must never send API calls to the proxy.
     pub api_server: Vec<String>,
@@ -172,6 +178,8 @@ impl Config {
                 "http://{DEFAULT_PROXY_SERVICE}.{DEFAULT_PROXY_NAMESPACE}.svc.{cluster_domain}:{DEFAULT_PROXY_PORT}"
             ),
         };
+        let service_cidrs_defaulted = file.service_cidrs.is_none();
+        let pod_cidrs_defaulted = file.pod_cidrs.is_none();
         let service_cidrs =
             parse_cidrs("serviceCIDRs", file.service_cidrs, &DEFAULT_SERVICE_CIDRS)?;
         let pod_cidrs = parse_cidrs("podCIDRs", file.pod_cidrs, &DEFAULT_POD_CIDRS)?;
@@ -216,6 +224,8 @@ impl Config {
             cluster_domain,
             service_cidrs,
             pod_cidrs,
+            service_cidrs_defaulted,
+            pod_cidrs_defaulted,
             api_server,
             no_proxy,
             profiles,
@@ -360,6 +370,11 @@ fn validate_host(host: &str) -> Result<(), String> {
             "{host:?} must be a bare hostname or IP address, without scheme or port"
         ));
     }
+    // apiServer entries go into NO_PROXY as they are.
+    refuse_blob_domain(
+        host,
+        host.trim_end_matches('.').to_ascii_lowercase().as_str(),
+    )?;
     validate_dns_name(host)
 }
 
@@ -393,6 +408,13 @@ fn validate_no_proxy_entry(entry: &str) -> Result<(), String> {
         .trim_start_matches('.')
         .trim_end_matches('.')
         .to_ascii_lowercase();
+    refuse_blob_domain(entry, &domain)?;
+    validate_dns_name(&domain)
+}
+
+/// Fails when `domain` (lower-case, no leading or trailing dot) is a Blob endpoint or a
+/// parent of one: as a NO_PROXY entry it would send backups around the proxy.
+fn refuse_blob_domain(entry: &str, domain: &str) -> Result<(), String> {
     let covers_blob = BLOB_ENDPOINT_PROBE == domain
         || BLOB_ENDPOINT_PROBE.ends_with(&format!(".{domain}"))
         || domain.ends_with(".blob.core.windows.net");
@@ -401,7 +423,7 @@ fn validate_no_proxy_entry(entry: &str) -> Result<(), String> {
             "{entry:?} would send Azure Blob traffic around the egress proxy"
         ));
     }
-    validate_dns_name(&domain)
+    Ok(())
 }
 
 fn validate_proxy_url(text: &str) -> Result<String, String> {
@@ -504,6 +526,11 @@ profiles:
         assert!(err("noProxy: ['*.corp.example']\n").contains("noProxy[0]"));
         assert!(err("noProxy: [a, .core.windows.net]\n").contains("noProxy[1]"));
         assert!(err("noProxy: [acct.blob.core.windows.net]\n").contains("around the egress proxy"));
+        let apiserver = err("apiServer: [Acct.Blob.Core.Windows.Net]\n");
+        assert!(
+            apiserver.contains("apiServer[0]") && apiserver.contains("around the egress proxy"),
+            "{apiserver}"
+        );
         assert!(err("apiServer: [https://api:6443]\n").contains("apiServer[0]"));
         assert!(err("clusterDomain: 'bad domain'\n").contains("clusterDomain"));
         assert!(err("profiles: [{name: mine}]\n").contains("profiles[0].selector"));

@@ -40,11 +40,31 @@ pub struct Discovered {
 }
 
 impl Discovered {
+    /// What the webhook's own environment says without any API access: the API server
+    /// address the kubelet gives every pod in `KUBERNETES_SERVICE_HOST` (empty outside a
+    /// cluster). Used when discovery is off.
+    pub fn from_environment() -> Self {
+        Self {
+            api_server: own_service_host().into_iter().collect(),
+            ..Self::default()
+        }
+    }
+
     /// The union of configured and discovered facts: configured entries first and in their
-    /// order, then discovered ones not already covered.
+    /// order, then discovered ones not already covered. A CIDR list the config left at its
+    /// built-in default is replaced by the discovered one when discovery found any: the
+    /// default is a guess (kubeadm's ranges), the discovered ranges are the cluster's.
     pub fn merge_into(&self, mut facts: ClusterFacts) -> ClusterFacts {
-        union_into(&mut facts.service_cidrs, &self.service_cidrs);
-        union_into(&mut facts.pod_cidrs, &self.pod_cidrs);
+        replace_or_union(
+            &mut facts.service_cidrs,
+            &mut facts.service_cidrs_defaulted,
+            &self.service_cidrs,
+        );
+        replace_or_union(
+            &mut facts.pod_cidrs,
+            &mut facts.pod_cidrs_defaulted,
+            &self.pod_cidrs,
+        );
         for host in &self.api_server {
             if !facts.api_server.contains(host) {
                 facts.api_server.push(host.clone());
@@ -52,6 +72,21 @@ impl Discovered {
         }
         facts
     }
+}
+
+/// `KUBERNETES_SERVICE_HOST` of this process, when set.
+fn own_service_host() -> Option<String> {
+    std::env::var("KUBERNETES_SERVICE_HOST")
+        .ok()
+        .filter(|h| !h.is_empty())
+}
+
+fn replace_or_union(into: &mut Vec<IpNet>, defaulted: &mut bool, found: &[IpNet]) {
+    if *defaulted && !found.is_empty() {
+        into.clear();
+        *defaulted = false;
+    }
+    union_into(into, found);
 }
 
 fn union_into(into: &mut Vec<IpNet>, extra: &[IpNet]) {
@@ -267,9 +302,7 @@ pub struct DiscoveryHandle {
 /// discovery is off: logged, configured facts only, ready at once.
 pub async fn start(metrics: Arc<Metrics>) -> DiscoveryHandle {
     let cache = Arc::new(RwLock::new(ClusterCache {
-        service_host: std::env::var("KUBERNETES_SERVICE_HOST")
-            .ok()
-            .filter(|h| !h.is_empty()),
+        service_host: own_service_host(),
         ..Default::default()
     }));
     let initial = read(&cache).discovered();
@@ -499,6 +532,10 @@ mod tests {
         }
     }
 
+    fn nets(v: &[&str]) -> Vec<IpNet> {
+        v.iter().map(|s| s.parse::<IpNet>().unwrap()).collect()
+    }
+
     fn populated() -> ClusterCache {
         let mut c = ClusterCache {
             service_host: Some("aks-abc.hcp.westeurope.azmk8s.io".into()),
@@ -553,11 +590,6 @@ mod tests {
             d.api_server,
             ["aks-abc.hcp.westeurope.azmk8s.io", "10.0.0.1"]
         );
-        let nets = |v: &[&str]| {
-            v.iter()
-                .map(|s| s.parse::<IpNet>().unwrap())
-                .collect::<Vec<_>>()
-        };
         assert_eq!(d.service_cidrs, nets(&["10.0.0.0/16", "fd00:10::/108"]));
         // Adjacent node ranges merge; nothing is lost.
         assert_eq!(d.pod_cidrs, nets(&["10.244.0.0/23", "10.250.7.0/24"]));
@@ -585,6 +617,41 @@ mod tests {
              .svc,.svc.cluster.local,.cluster.local,10.0.0.0/16,fd00:10::/108,10.244.0.0/16,10.250.7.0/24,\
              harbor-core.db,harbor-core,pg-rw.db,pg-rw"
         );
+    }
+
+    #[test]
+    fn discovered_ranges_replace_the_built_in_defaults_but_join_configured_ones() {
+        let c = populated();
+        let found = c.discovered();
+        // No CIDRs in the file: kubeadm's guesses give way to the cluster's ranges, and the
+        // kubernetes Service IP comes from the first discovered Service range.
+        let config = Config::from_yaml("discovery: true\n").unwrap();
+        let facts = found.merge_into(ClusterFacts::from_config(&config));
+        assert_eq!(facts.service_cidrs, nets(&["10.0.0.0/16", "fd00:10::/108"]));
+        assert_eq!(facts.pod_cidrs, nets(&["10.244.0.0/23", "10.250.7.0/24"]));
+        let list = Injector::new(&config, &facts).no_proxy_for(
+            None,
+            &Default::default(),
+            &PodContext {
+                namespace: "none",
+                operation: Operation::Create,
+                services: &[],
+            },
+        );
+        assert!(!list.contains("10.96."), "{list}");
+        assert!(list.contains(",10.0.0.1,"), "{list}");
+        // Ranges the admin wrote stay, first, and discovered ones join them.
+        let config = Config::from_yaml("serviceCIDRs: [10.96.0.0/12]\n").unwrap();
+        let facts = found.merge_into(ClusterFacts::from_config(&config));
+        assert_eq!(
+            facts.service_cidrs,
+            nets(&["10.96.0.0/12", "10.0.0.0/16", "fd00:10::/108"])
+        );
+        assert_eq!(facts.pod_cidrs, nets(&["10.244.0.0/23", "10.250.7.0/24"]));
+        // Discovery that found nothing (no RBAC, no ServiceCIDR API) keeps the defaults.
+        let facts = Discovered::default().merge_into(ClusterFacts::from_config(&config));
+        assert_eq!(facts.service_cidrs, nets(&["10.96.0.0/12"]));
+        assert_eq!(facts.pod_cidrs, nets(&["10.244.0.0/16"]));
     }
 
     #[test]

@@ -153,7 +153,7 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
             readiness.discovery_synced.store(true, Ordering::Release);
             (
                 Arc::new(NoServices),
-                watch::channel(Discovered::default()).1,
+                watch::channel(Discovered::from_environment()).1,
             )
         };
 

@@ -477,6 +477,25 @@ async fn discovery_without_a_reachable_cluster_falls_back_to_config_and_serves()
     );
 }
 
+#[tokio::test]
+async fn without_discovery_no_proxy_still_has_the_api_server_from_the_environment() {
+    // What the kubelet sets in an AKS pod: the API server's public name, not an IP.
+    let aks = "egress-dns-1a2b3c4d.hcp.westeurope.azmk8s.io";
+    let webhook = Webhook::start_env(None, &[], &[("KUBERNETES_SERVICE_HOST", aks)]);
+    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
+    let resp = response(
+        &h2.post(review_body("k", "db", &fixture("cnpg-instance"), false))
+            .await,
+    );
+    let patch = String::from_utf8(decoded_patch(&resp)).unwrap();
+    assert!(
+        patch.contains(&format!(
+            "localhost,127.0.0.1,::1,{aks},10.96.0.1,kubernetes,"
+        )),
+        "{patch}"
+    );
+}
+
 #[test]
 fn self_signed_without_a_cluster_stops_with_a_clear_message() {
     let home = tempfile::tempdir().unwrap();

@@ -32,6 +32,10 @@ pub struct ClusterFacts {
     pub pod_cidrs: Vec<IpNet>,
     /// API server hostnames and IPs.
     pub api_server: Vec<String>,
+    /// `service_cidrs` is the built-in guess, to be replaced by what discovery finds.
+    pub service_cidrs_defaulted: bool,
+    /// `pod_cidrs` is the built-in guess, to be replaced by what discovery finds.
+    pub pod_cidrs_defaulted: bool,
 }
 
 impl ClusterFacts {
@@ -41,6 +45,8 @@ impl ClusterFacts {
             service_cidrs: config.service_cidrs.clone(),
             pod_cidrs: config.pod_cidrs.clone(),
             api_server: config.api_server.clone(),
+            service_cidrs_defaulted: config.service_cidrs_defaulted,
+            pod_cidrs_defaulted: config.pod_cidrs_defaulted,
         }
     }
 }
@@ -138,6 +144,11 @@ pub struct InjectionStatus {
     pub containers: Vec<String>,
     /// `sha256:` and the first 16 hex digits of the hash of the injected names and values.
     pub values_hash: String,
+    /// Per container, the variables the user had set and egress-gate therefore left alone
+    /// (with their other-case twin); absent when nothing was kept. What the warning said at
+    /// admission, kept on the pod for the admins who audit it later.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub kept: BTreeMap<String, Vec<String>>,
 }
 
 /// Profile name recorded for pods selected only by the opt-in annotation.
@@ -261,10 +272,16 @@ impl Injector {
 
         let mut additions = Vec::new();
         let mut carrying = Vec::new();
+        let mut kept = BTreeMap::new();
         for container in &view.containers {
-            let (to_add, carries) = self.container_additions(container, &pairs, &mut warnings);
+            let mut user_set = Vec::new();
+            let (to_add, carries) =
+                self.container_additions(container, &pairs, &mut user_set, &mut warnings);
             if carries {
                 carrying.push(container.name.to_string());
+            }
+            if !user_set.is_empty() {
+                kept.insert(container.name.to_string(), user_set);
             }
             if !to_add.is_empty() {
                 additions.push((container, to_add));
@@ -275,6 +292,7 @@ impl Injector {
             profile: profile_name.clone(),
             containers: carrying,
             values_hash,
+            kept,
         };
         let mut metadata = MetadataEdits::default();
         self.label_edit(view, &mut metadata, &mut warnings);
@@ -346,10 +364,12 @@ impl Injector {
     /// Which variables one container needs, as indexes into the rendered entries (`2 * pair`
     /// for the upper-case name, `2 * pair + 1` for the lower-case one), and whether the
     /// container carries egress-gate's values afterwards (injected now or on an earlier call).
+    /// The names of pairs left to the user's values go to `kept`.
     fn container_additions(
         &self,
         container: &ContainerView<'_>,
         pairs: &[EnvPair],
+        kept: &mut Vec<String>,
         warnings: &mut Vec<String>,
     ) -> (Vec<usize>, bool) {
         let mut to_add = Vec::new();
@@ -369,6 +389,7 @@ impl Injector {
                     carries = true;
                 }
                 _ => {
+                    kept.extend([pair.upper, pair.lower].map(str::to_owned));
                     let kept: Vec<&str> = [upper, lower]
                         .into_iter()
                         .flatten()

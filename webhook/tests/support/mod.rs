@@ -97,7 +97,14 @@ impl Webhook {
         Self::start_with(config, &[])
     }
 
+    /// Starts the binary outside any cluster, even when the tests run in a pod.
     pub fn start_with(config: Option<&str>, extra_args: &[&str]) -> Self {
+        Self::start_env(config, extra_args, &[("KUBERNETES_SERVICE_HOST", "")])
+    }
+
+    /// Starts the binary with `env` added to (or, with an empty value, removed from) the
+    /// test's environment.
+    pub fn start_env(config: Option<&str>, extra_args: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let ca = TestCa::new("egress-gate test CA");
         let (cert, key, cert_der) = ca.serving();
@@ -124,6 +131,13 @@ impl Webhook {
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
             std::fs::write(&path, config).unwrap();
             cmd.arg("--config").arg(path);
+        }
+        for (name, value) in env {
+            if value.is_empty() {
+                cmd.env_remove(name);
+            } else {
+                cmd.env(name, value);
+            }
         }
         cmd.env("RUST_LOG", "info")
             .stdout(Stdio::null())
