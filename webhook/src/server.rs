@@ -342,6 +342,12 @@ async fn keep_current(
                     match Config::load(path) {
                         Ok(next) if next == config => {}
                         Ok(next) => {
+                            if next.discovery != config.discovery {
+                                warn!(
+                                    discovery = next.discovery,
+                                    "`discovery` changed in the configuration; it takes effect when the webhook restarts, everything else now"
+                                );
+                            }
                             config = next;
                             Metrics::reload(&metrics.config_reloads, true);
                             metrics.config_valid.set(1);

@@ -371,9 +371,10 @@ async fn config_reload_applies_valid_files_and_keeps_the_old_one_on_errors() {
         "the log names the key"
     );
 
+    // `discovery` cannot be switched on by a reload: the rest applies, and the log says so.
     std::fs::write(
         webhook.config_path(),
-        "proxyURL: http://new-proxy.egress-gate.svc:3128\n",
+        "proxyURL: http://new-proxy.egress-gate.svc:3128\ndiscovery: true\n",
     )
     .unwrap();
     wait_for_metric(
@@ -391,6 +392,13 @@ async fn config_reload_applies_valid_files_and_keeps_the_old_one_on_errors() {
         ))
         .contains("new-proxy")
     );
+    let logs = webhook.logs();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("takes effect when the webhook restarts")),
+        "{logs:?}"
+    );
+    assert!(!logs.iter().any(|l| l.contains("no Kubernetes client")));
 }
 
 #[tokio::test]
