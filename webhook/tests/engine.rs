@@ -75,14 +75,87 @@ fn a_container_added_by_a_later_webhook_is_injected_on_reinvocation() {
         env_names(&pod, "containers", 1),
         ["HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy"]
     );
-    let status: Value = serde_json::from_str(
-        pod["metadata"]["annotations"]["egress-gate.io/status"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    let status = status_of(&pod);
     assert_eq!(status["containers"], json!(["postgres", "late-sidecar"]));
     assert!(review(&inj, &pod).patch.is_empty());
+}
+
+#[test]
+fn values_an_earlier_call_set_are_updated_on_reinvocation_when_no_proxy_changed() {
+    let first = injector("");
+    let pod = apply(&cnpg_pod(), &review(&first, &cnpg_pod()));
+    // Between the two calls NO_PROXY changed (a reloaded config here; a new Service in the
+    // namespace with discovery), and a later webhook added a sidecar.
+    let second = injector("noProxy: [.corp.example]\n");
+    let mut pod2 = pod.clone();
+    pod2["spec"]["containers"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"name": "late-sidecar"}));
+    let m = review(&second, &pod2);
+    assert!(m.warnings.is_empty(), "{:?}", m.warnings);
+    let paths: Vec<String> = m.patch.operations().unwrap().iter().map(op_path).collect();
+    assert_eq!(
+        paths,
+        [
+            "/metadata/annotations/egress-gate.io~1status",
+            "/spec/containers/0/env/3/value",
+            "/spec/containers/0/env/4/value",
+            "/spec/containers/1/env"
+        ]
+    );
+    let out = apply(&pod2, &m);
+    for i in [0, 1] {
+        let env = out["spec"]["containers"][i]["env"].as_array().unwrap();
+        let no_proxy: Vec<&str> = env
+            .iter()
+            .filter(|e| e["name"] == "NO_PROXY" || e["name"] == "no_proxy")
+            .map(|e| e["value"].as_str().unwrap())
+            .collect();
+        assert_eq!(no_proxy.len(), 2, "container {i}");
+        assert!(
+            no_proxy.iter().all(|v| v.ends_with(",.corp.example")),
+            "{no_proxy:?}"
+        );
+    }
+    let status = status_of(&out);
+    assert_eq!(status["containers"], json!(["postgres", "late-sidecar"]));
+    assert_eq!(status.get("kept"), None);
+    assert!(review(&second, &out).patch.is_empty());
+}
+
+#[test]
+fn values_changed_by_someone_else_after_our_call_are_theirs_to_keep() {
+    let inj = injector("");
+    let mut pod = apply(&cnpg_pod(), &review(&inj, &cnpg_pod()));
+    // Another webhook rewrote NO_PROXY in both cases after ours ran.
+    for e in pod["spec"]["containers"][0]["env"].as_array_mut().unwrap() {
+        if e["name"] == "NO_PROXY" || e["name"] == "no_proxy" {
+            e["value"] = json!(".corp.example");
+        }
+    }
+    let m = review(&inj, &pod);
+    assert_eq!(m.warnings.len(), 1, "{:?}", m.warnings);
+    assert!(m.warnings[0].contains("keeps its own NO_PROXY and no_proxy"));
+    let out = apply(&pod, &m);
+    let status = status_of(&out);
+    assert_eq!(
+        status["kept"],
+        json!({"postgres": ["NO_PROXY", "no_proxy"]})
+    );
+    let env = out["spec"]["containers"][0]["env"].as_array().unwrap();
+    assert!(
+        env.iter()
+            .filter(|e| e["name"] == "NO_PROXY" || e["name"] == "no_proxy")
+            .all(|e| e["value"] == ".corp.example")
+    );
+}
+
+fn status_of(pod: &Value) -> Value {
+    let text = pod["metadata"]["annotations"]["egress-gate.io/status"]
+        .as_str()
+        .unwrap();
+    serde_json::from_str(text).unwrap()
 }
 
 fn op_path(op: &json_patch::PatchOperation) -> String {

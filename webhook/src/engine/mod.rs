@@ -270,13 +270,23 @@ impl Injector {
         // Each variable's env entry, rendered once: [upper, lower] per pair.
         let entries: Vec<Vec<u8>> = pairs.iter().flat_map(EnvPair::entries_json).collect();
 
+        // What an earlier call of this webhook recorded (reinvocation): variables it set then
+        // are its own to update, not the user's to keep.
+        let earlier: Option<InjectionStatus> = view
+            .annotation(&self.config.status_annotation)
+            .and_then(|text| serde_json::from_str(&text).ok());
+
         let mut additions = Vec::new();
+        let mut updates = Vec::new();
         let mut carrying = Vec::new();
         let mut kept = BTreeMap::new();
         for container in &view.containers {
+            let ours = earlier
+                .as_ref()
+                .is_some_and(|status| set_by(status, container, &pairs));
             let mut user_set = Vec::new();
-            let (to_add, carries) =
-                self.container_additions(container, &pairs, &mut user_set, &mut warnings);
+            let (to_add, to_update, carries) =
+                self.container_additions(container, &pairs, ours, &mut user_set, &mut warnings);
             if carries {
                 carrying.push(container.name.to_string());
             }
@@ -285,6 +295,9 @@ impl Injector {
             }
             if !to_add.is_empty() {
                 additions.push((container, to_add));
+            }
+            if !to_update.is_empty() {
+                updates.push((container, to_update));
             }
         }
 
@@ -302,6 +315,9 @@ impl Injector {
         let entry_bytes: usize = entries.iter().map(|e| e.len() + 64).sum();
         let mut patch = PatchWriter::with_capacity(512 + additions.len() * entry_bytes);
         metadata.write(view, &mut patch);
+        for (container, to_update) in updates {
+            write_env_updates(container, &to_update, &pairs, &mut patch);
+        }
         for (container, to_add) in additions {
             write_env_additions(container, &to_add, &entries, &mut patch);
         }
@@ -364,15 +380,20 @@ impl Injector {
     /// Which variables one container needs, as indexes into the rendered entries (`2 * pair`
     /// for the upper-case name, `2 * pair + 1` for the lower-case one), and whether the
     /// container carries egress-gate's values afterwards (injected now or on an earlier call).
-    /// The names of pairs left to the user's values go to `kept`.
+    /// `ours`: the container's proxy variables are exactly what an earlier call set, so
+    /// values that changed since (a new peer Service, a reloaded config) are updated: the
+    /// second list holds the pairs to update, by index into `pairs`. The names of pairs left
+    /// to the user's values go to `kept`.
     fn container_additions(
         &self,
         container: &ContainerView<'_>,
         pairs: &[EnvPair],
+        ours: bool,
         kept: &mut Vec<String>,
         warnings: &mut Vec<String>,
-    ) -> (Vec<usize>, bool) {
+    ) -> (Vec<usize>, Vec<usize>, bool) {
         let mut to_add = Vec::new();
+        let mut to_update = Vec::new();
         let mut carries = false;
         for (i, pair) in pairs.iter().enumerate() {
             let upper = container.env_var(pair.upper);
@@ -386,6 +407,10 @@ impl Injector {
                     if u.value.as_deref() == Some(pair.value.as_str())
                         && l.value.as_deref() == Some(pair.value.as_str()) =>
                 {
+                    carries = true;
+                }
+                (Some(_), Some(_)) if ours => {
+                    to_update.push(i);
                     carries = true;
                 }
                 _ => {
@@ -409,7 +434,7 @@ impl Injector {
                 }
             }
         }
-        (to_add, carries)
+        (to_add, to_update, carries)
     }
 
     fn label_edit(
@@ -540,6 +565,50 @@ fn write_env_additions(
         let append = ["spec", container.list.field(), &index, "env", "-"];
         for entry in chosen {
             patch.op(Op::Add, &append, entry);
+        }
+    }
+}
+
+/// Whether `container`'s proxy variables are the ones an earlier call recorded in `status`:
+/// it is listed there, sets both cases of every pair to one value each, and those values
+/// hash to the recorded hash. Anything else (a user's value, a pair missing) is not ours.
+fn set_by(status: &InjectionStatus, container: &ContainerView<'_>, pairs: &[EnvPair]) -> bool {
+    if !status.containers.iter().any(|c| *c == container.name) {
+        return false;
+    }
+    let mut current = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        let value = |name| container.env_var(name).and_then(|e| e.value.as_deref());
+        match (value(pair.upper), value(pair.lower)) {
+            (Some(u), Some(l)) if u == l => current.push(EnvPair {
+                upper: pair.upper,
+                lower: pair.lower,
+                value: u.to_owned(),
+            }),
+            _ => return false,
+        }
+    }
+    values_hash(&current) == status.values_hash
+}
+
+/// `replace` operations setting both cases of each updated pair to the new value.
+fn write_env_updates(
+    container: &ContainerView<'_>,
+    to_update: &[usize],
+    pairs: &[EnvPair],
+    patch: &mut PatchWriter,
+) {
+    let index = container.index.to_string();
+    let env = container.env.as_deref().unwrap_or_default();
+    for pair in to_update.iter().filter_map(|&i| pairs.get(i)) {
+        let mut value = Vec::with_capacity(pair.value.len() + 2);
+        push_json(&mut value, &pair.value);
+        for name in [pair.upper, pair.lower] {
+            if let Some(at) = env.iter().position(|e| e.name == name) {
+                let at = at.to_string();
+                let path = ["spec", container.list.field(), &index, "env", &at, "value"];
+                patch.op(Op::Replace, &path, &value);
+            }
         }
     }
 }
