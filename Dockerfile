@@ -12,7 +12,7 @@ COPY . .
 # out of the cached target directory so the next stage can see them.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --bin egress-webhook --bin egress-proxy \
+    cargo build --release --locked --bin egress-webhook --bin egress-proxy \
  && mkdir -p /out \
  && cp target/release/egress-webhook target/release/egress-proxy /out/
 
