@@ -8,11 +8,11 @@ ARG RUST_VERSION=1.95
 FROM rust:${RUST_VERSION}-bookworm AS build
 WORKDIR /src
 COPY . .
-# Cache mounts keep the registry and build artefacts between builds; the binaries are copied
-# out of the cached target directory so the next stage can see them.
 # The image carries no debug info (webhook 41 -> 20 MB, proxy 18 -> 7 MB); symbols stay, so a
 # panic's backtrace still names functions. Profiling builds come from the repository instead.
 ENV CARGO_PROFILE_RELEASE_DEBUG=false CARGO_PROFILE_RELEASE_STRIP=debuginfo
+# Cache mounts keep the registry and build artefacts between builds; the binaries are copied
+# out of the cached target directory so the next stage can see them.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     cargo build --release --locked --bin egress-webhook --bin egress-proxy \
