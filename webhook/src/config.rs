@@ -40,6 +40,9 @@ pub const DEFAULT_STATUS_ANNOTATION: &str = "egress-gate.io/status";
 pub struct Config {
     /// The proxy URL written to `HTTPS_PROXY`/`https_proxy` (and `HTTP_PROXY` when enabled).
     pub proxy_url: String,
+    /// `proxy_url` is the built-in default (the file names none), which points at the
+    /// bundled proxy in egress-gate's namespace: [`Config::in_namespace`] may move it.
+    pub proxy_url_defaulted: bool,
     /// The cluster DNS domain, for the `.svc.<domain>` and `.<domain>` NO_PROXY suffixes.
     pub cluster_domain: String,
     /// Service CIDRs: Services are reached directly, never through the proxy.
@@ -147,6 +150,23 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The configuration for a webhook running in `namespace`: a default `proxyURL` names
+    /// the bundled proxy's Service in that namespace, which is where `deploy/` puts both.
+    /// A `proxyURL` the file gives is left alone.
+    pub fn in_namespace(mut self, namespace: &str) -> Result<Self, ConfigError> {
+        // A namespace name is one lower-case DNS label (RFC 1123).
+        if !is_dns_label(namespace) || namespace.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(invalid(
+                "namespace",
+                format!("{namespace:?} (--namespace or POD_NAMESPACE) is not a namespace name"),
+            ));
+        }
+        if self.proxy_url_defaulted {
+            self.proxy_url = bundled_proxy_url(namespace, &self.cluster_domain);
+        }
+        Ok(self)
+    }
+
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -172,11 +192,10 @@ impl Config {
             }
             None => DEFAULT_CLUSTER_DOMAIN.to_string(),
         };
+        let proxy_url_defaulted = file.proxy_url.is_none();
         let proxy_url = match file.proxy_url {
             Some(url) => validate_proxy_url(&url).map_err(|m| invalid("proxyURL", m))?,
-            None => format!(
-                "http://{DEFAULT_PROXY_SERVICE}.{DEFAULT_PROXY_NAMESPACE}.svc.{cluster_domain}:{DEFAULT_PROXY_PORT}"
-            ),
+            None => bundled_proxy_url(DEFAULT_PROXY_NAMESPACE, &cluster_domain),
         };
         let service_cidrs_defaulted = file.service_cidrs.is_none();
         let pod_cidrs_defaulted = file.pod_cidrs.is_none();
@@ -221,6 +240,7 @@ impl Config {
 
         Ok(Config {
             proxy_url,
+            proxy_url_defaulted,
             cluster_domain,
             service_cidrs,
             pod_cidrs,
@@ -426,6 +446,11 @@ fn refuse_blob_domain(entry: &str, domain: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The bundled proxy's Service URL, as `deploy/` names and exposes it.
+fn bundled_proxy_url(namespace: &str, cluster_domain: &str) -> String {
+    format!("http://{DEFAULT_PROXY_SERVICE}.{namespace}.svc.{cluster_domain}:{DEFAULT_PROXY_PORT}")
+}
+
 fn validate_proxy_url(text: &str) -> Result<String, String> {
     let text = text.trim();
     let url = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
@@ -480,6 +505,31 @@ mod tests {
             c.proxy_url,
             "http://egress-proxy.egress-gate.svc.k8s.example:3128"
         );
+    }
+
+    #[test]
+    fn the_default_proxy_url_follows_the_webhooks_namespace_a_given_one_stays() {
+        let c = Config::from_yaml("clusterDomain: k8s.example\n")
+            .unwrap()
+            .in_namespace("platform-egress")
+            .unwrap();
+        assert_eq!(
+            c.proxy_url,
+            "http://egress-proxy.platform-egress.svc.k8s.example:3128"
+        );
+        let given = "proxyURL: http://squid.corp.svc:3128\n";
+        let c = Config::from_yaml(given)
+            .unwrap()
+            .in_namespace("platform-egress")
+            .unwrap();
+        assert_eq!(c.proxy_url, "http://squid.corp.svc:3128");
+        for bad in ["", "Egress", "a.b", "-a", &"a".repeat(64)] {
+            let e = Config::default().in_namespace(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("namespace") && e.contains("POD_NAMESPACE"),
+                "{e}"
+            );
+        }
     }
 
     #[test]

@@ -135,7 +135,8 @@ struct ServeArgs {
     /// `--self-signed`: the Service the API server calls.
     #[arg(long, default_value = "egress-webhook")]
     service_name: String,
-    /// `--self-signed`: the namespace of the Secret and the Service.
+    /// The webhook's own namespace: where a default `proxyURL` finds the bundled proxy, and
+    /// with `--self-signed` the namespace of the Secret and the Service.
     #[arg(long, env = "POD_NAMESPACE", default_value = "egress-gate")]
     namespace: String,
     /// `--self-signed`: the cluster DNS domain, for the certificate's fully qualified name.
@@ -211,6 +212,7 @@ fn serve(args: ServeArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let namespace = args.namespace.clone();
     let tls = match (args.self_signed, args.tls_cert, args.tls_key) {
         (false, Some(cert), Some(key)) => TlsSource::Files { cert, key },
         (true, _, _) => {
@@ -235,6 +237,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         listen: args.listen,
         admin_listen: args.admin_listen,
         grace_period: args.grace_period,
+        namespace,
     };
     match runtime.block_on(server::run(options, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,

@@ -65,6 +65,8 @@ pub struct ServeOptions {
     pub admin_listen: SocketAddr,
     /// How long shutdown waits for in-flight reviews before closing connections anyway.
     pub grace_period: Duration,
+    /// The webhook's own namespace: a default `proxyURL` names the bundled proxy there.
+    pub namespace: String,
 }
 
 /// Where the serving certificate comes from.
@@ -129,9 +131,11 @@ struct AppState {
 /// listens, so a bad file stops the process with a message instead of serving nothing.
 pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
     let config = match &options.config {
-        Some(path) => Config::load(path).map_err(StartError::from)?,
-        None => Config::default(),
-    };
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    }
+    .and_then(|c| c.in_namespace(&options.namespace))
+    .map_err(StartError::from)?;
     let metrics = Arc::new(Metrics::default());
     let certs = match &options.tls {
         TlsSource::Files { cert, key } => {
@@ -339,7 +343,7 @@ async fn keep_current(
                 }
                 reload_tls(&options, &certs, &metrics);
                 if let Some(path) = &options.config {
-                    match Config::load(path) {
+                    match Config::load(path).and_then(|c| c.in_namespace(&options.namespace)) {
                         Ok(next) if next == config => {}
                         Ok(next) => {
                             if next.discovery != config.discovery {

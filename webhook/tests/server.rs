@@ -466,12 +466,7 @@ async fn discovery_without_a_reachable_cluster_falls_back_to_config_and_serves()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(ready, "ready with configured facts only");
-    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
-    let resp = response(
-        &h2.post(review_body("d", "db", &fixture("cnpg-instance"), false))
-            .await,
-    );
-    let patch = String::from_utf8(decoded_patch(&resp)).unwrap();
+    let patch = cnpg_patch(&webhook, "d").await;
     assert!(
         patch.contains("10.0.0.1,kubernetes,kubernetes.default,.svc"),
         "{patch}"
@@ -490,18 +485,42 @@ async fn without_discovery_no_proxy_still_has_the_api_server_from_the_environmen
     // What the kubelet sets in an AKS pod: the API server's public name, not an IP.
     let aks = "egress-dns-1a2b3c4d.hcp.westeurope.azmk8s.io";
     let webhook = Webhook::start_env(None, &[], &[("KUBERNETES_SERVICE_HOST", aks)]);
-    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
-    let resp = response(
-        &h2.post(review_body("k", "db", &fixture("cnpg-instance"), false))
-            .await,
-    );
-    let patch = String::from_utf8(decoded_patch(&resp)).unwrap();
+    let patch = cnpg_patch(&webhook, "k").await;
     assert!(
         patch.contains(&format!(
             "localhost,127.0.0.1,::1,{aks},10.96.0.1,kubernetes,"
         )),
         "{patch}"
     );
+}
+
+#[tokio::test]
+async fn the_default_proxy_url_names_the_webhooks_own_namespace() {
+    // What the Deployment passes through POD_NAMESPACE when installed elsewhere.
+    let webhook = Webhook::start_env(
+        None,
+        &[],
+        &[
+            ("POD_NAMESPACE", "platform-egress"),
+            ("KUBERNETES_SERVICE_HOST", ""),
+        ],
+    );
+    let patch = cnpg_patch(&webhook, "n").await;
+    assert!(
+        patch.contains(r#""value":"http://egress-proxy.platform-egress.svc.cluster.local:3128""#),
+        "{patch}"
+    );
+    assert!(!patch.contains("egress-proxy.egress-gate.svc"), "{patch}");
+}
+
+/// The patch the webhook answers for the CNPG instance fixture in namespace `db`, over h2.
+async fn cnpg_patch(webhook: &Webhook, uid: &str) -> String {
+    let mut h2 = H2::connect(webhook.addr, &webhook.ca.der()).await;
+    let resp = response(
+        &h2.post(review_body(uid, "db", &fixture("cnpg-instance"), false))
+            .await,
+    );
+    String::from_utf8(decoded_patch(&resp)).unwrap()
 }
 
 #[test]
