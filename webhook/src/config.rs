@@ -155,7 +155,7 @@ impl Config {
     /// A `proxyURL` the file gives is left alone.
     pub fn in_namespace(mut self, namespace: &str) -> Result<Self, ConfigError> {
         // A namespace name is one lower-case DNS label (RFC 1123).
-        if !is_dns_label(namespace) || namespace.bytes().any(|b| b.is_ascii_uppercase()) {
+        if !is_dns_label(namespace) {
             return Err(invalid(
                 "namespace",
                 format!("{namespace:?} (--namespace or POD_NAMESPACE) is not a namespace name"),

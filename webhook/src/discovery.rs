@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::admission::ServiceDirectory;
+use crate::config::Config;
 use crate::engine::ClusterFacts;
 use crate::metrics::{CacheLabel, Metrics};
 
@@ -50,19 +51,20 @@ impl Discovered {
         }
     }
 
-    /// The union of configured and discovered facts: configured entries first and in their
-    /// order, then discovered ones not already covered. A CIDR list the config left at its
-    /// built-in default is replaced by the discovered one when discovery found any: the
+    /// The union of `config`'s facts and discovered ones: configured entries first and in
+    /// their order, then discovered ones not already covered. A CIDR list the config left at
+    /// its built-in default is replaced by the discovered one when discovery found any: the
     /// default is a guess (kubeadm's ranges), the discovered ranges are the cluster's.
-    pub fn merge_into(&self, mut facts: ClusterFacts) -> ClusterFacts {
+    pub fn facts_for(&self, config: &Config) -> ClusterFacts {
+        let mut facts = ClusterFacts::from_config(config);
         replace_or_union(
             &mut facts.service_cidrs,
-            &mut facts.service_cidrs_defaulted,
+            config.service_cidrs_defaulted,
             &self.service_cidrs,
         );
         replace_or_union(
             &mut facts.pod_cidrs,
-            &mut facts.pod_cidrs_defaulted,
+            config.pod_cidrs_defaulted,
             &self.pod_cidrs,
         );
         for host in &self.api_server {
@@ -81,10 +83,9 @@ fn own_service_host() -> Option<String> {
         .filter(|h| !h.is_empty())
 }
 
-fn replace_or_union(into: &mut Vec<IpNet>, defaulted: &mut bool, found: &[IpNet]) {
-    if *defaulted && !found.is_empty() {
+fn replace_or_union(into: &mut Vec<IpNet>, defaulted: bool, found: &[IpNet]) {
+    if defaulted && !found.is_empty() {
         into.clear();
-        *defaulted = false;
     }
     union_into(into, found);
 }
@@ -600,9 +601,7 @@ mod tests {
         let config =
             Config::from_yaml("serviceCIDRs: [10.0.0.0/16]\npodCIDRs: [10.244.0.0/16]\n").unwrap();
         let c = populated();
-        let facts = c
-            .discovered()
-            .merge_into(ClusterFacts::from_config(&config));
+        let facts = c.discovered().facts_for(&config);
         let injector = Injector::new(&config, &facts);
         let services = c.services_in("db");
         let ctx = PodContext {
@@ -626,7 +625,7 @@ mod tests {
         // No CIDRs in the file: kubeadm's guesses give way to the cluster's ranges, and the
         // kubernetes Service IP comes from the first discovered Service range.
         let config = Config::from_yaml("discovery: true\n").unwrap();
-        let facts = found.merge_into(ClusterFacts::from_config(&config));
+        let facts = found.facts_for(&config);
         assert_eq!(facts.service_cidrs, nets(&["10.0.0.0/16", "fd00:10::/108"]));
         assert_eq!(facts.pod_cidrs, nets(&["10.244.0.0/23", "10.250.7.0/24"]));
         let list = Injector::new(&config, &facts).no_proxy_for(
@@ -642,14 +641,14 @@ mod tests {
         assert!(list.contains(",10.0.0.1,"), "{list}");
         // Ranges the admin wrote stay, first, and discovered ones join them.
         let config = Config::from_yaml("serviceCIDRs: [10.96.0.0/12]\n").unwrap();
-        let facts = found.merge_into(ClusterFacts::from_config(&config));
+        let facts = found.facts_for(&config);
         assert_eq!(
             facts.service_cidrs,
             nets(&["10.96.0.0/12", "10.0.0.0/16", "fd00:10::/108"])
         );
         assert_eq!(facts.pod_cidrs, nets(&["10.244.0.0/23", "10.250.7.0/24"]));
         // Discovery that found nothing (no RBAC, no ServiceCIDR API) keeps the defaults.
-        let facts = Discovered::default().merge_into(ClusterFacts::from_config(&config));
+        let facts = Discovered::default().facts_for(&config);
         assert_eq!(facts.service_cidrs, nets(&["10.96.0.0/12"]));
         assert_eq!(facts.pod_cidrs, nets(&["10.244.0.0/16"]));
     }

@@ -32,9 +32,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, NoServices, ReviewResult, ServiceDirectory};
 use crate::bootstrap;
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::discovery::{self, Discovered};
-use crate::engine::{ClusterFacts, Injector};
+use crate::engine::Injector;
 use crate::metrics::{Metrics, ReviewLabels};
 use crate::tls::{self, CertStore};
 use crate::watch::FileWatch;
@@ -130,12 +130,7 @@ struct AppState {
 /// Serves until `shutdown` completes, then drains. Config and TLS are loaded before anything
 /// listens, so a bad file stops the process with a message instead of serving nothing.
 pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-    let config = match &options.config {
-        Some(path) => Config::load(path),
-        None => Ok(Config::default()),
-    }
-    .and_then(|c| c.in_namespace(&options.namespace))
-    .map_err(StartError::from)?;
+    let config = read_config(&options).map_err(StartError::from)?;
     let metrics = Arc::new(Metrics::default());
     let certs = match &options.tls {
         TlsSource::Files { cert, key } => {
@@ -282,7 +277,7 @@ fn material_pair(
 
 /// The engine for a configuration and what discovery found.
 fn build_injector(config: &Config, discovered: &Discovered) -> Injector {
-    let facts: ClusterFacts = discovered.merge_into(ClusterFacts::from_config(config));
+    let facts = discovered.facts_for(config);
     Injector::new(config, &facts)
 }
 
@@ -343,7 +338,7 @@ async fn keep_current(
                 }
                 reload_tls(&options, &certs, &metrics);
                 if let Some(path) = &options.config {
-                    match Config::load(path).and_then(|c| c.in_namespace(&options.namespace)) {
+                    match read_config(&options) {
                         Ok(next) if next == config => {}
                         Ok(next) => {
                             if next.discovery != config.discovery {
@@ -377,6 +372,16 @@ async fn keep_current(
         let next = Arc::new(build_injector(&config, &discovered.borrow_and_update()));
         injector.send_replace(next);
     }
+}
+
+/// The configuration `options` name (the defaults without a file), placed in the webhook's
+/// namespace: what start and every reload read.
+fn read_config(options: &ServeOptions) -> Result<Config, ConfigError> {
+    match &options.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::default()),
+    }
+    .and_then(|c| c.in_namespace(&options.namespace))
 }
 
 fn reload_tls(options: &ServeOptions, certs: &CertStore, metrics: &Metrics) {

@@ -32,10 +32,6 @@ pub struct ClusterFacts {
     pub pod_cidrs: Vec<IpNet>,
     /// API server hostnames and IPs.
     pub api_server: Vec<String>,
-    /// `service_cidrs` is the built-in guess, to be replaced by what discovery finds.
-    pub service_cidrs_defaulted: bool,
-    /// `pod_cidrs` is the built-in guess, to be replaced by what discovery finds.
-    pub pod_cidrs_defaulted: bool,
 }
 
 impl ClusterFacts {
@@ -45,8 +41,6 @@ impl ClusterFacts {
             service_cidrs: config.service_cidrs.clone(),
             pod_cidrs: config.pod_cidrs.clone(),
             api_server: config.api_server.clone(),
-            service_cidrs_defaulted: config.service_cidrs_defaulted,
-            pod_cidrs_defaulted: config.pod_cidrs_defaulted,
         }
     }
 }
@@ -415,7 +409,7 @@ impl Injector {
                 }
                 _ => {
                     kept.extend([pair.upper, pair.lower].map(str::to_owned));
-                    let kept: Vec<&str> = [upper, lower]
+                    let user_names: Vec<&str> = [upper, lower]
                         .into_iter()
                         .flatten()
                         .map(|e| e.name.as_ref())
@@ -427,7 +421,7 @@ impl Injector {
                             ContainerList::Main => "app",
                         },
                         container.name,
-                        kept.join(" and "),
+                        user_names.join(" and "),
                         pair.upper,
                         pair.lower
                     ));
