@@ -151,6 +151,12 @@ pub struct AllowRule {
     /// VNet's 10.x space); without a host, the IP literals this rule allows.
     #[serde(default, rename = "cidrs")]
     pub cidrs: Vec<IpNet>,
+    /// Every address this rule's names resolve to must lie inside `cidrs`, public addresses
+    /// included: pins a storage account to its private endpoint, so a missing private DNS
+    /// zone is a refusal naming the public address instead of a backup over the internet.
+    /// Off: `cidrs` only opens private ranges and public addresses stay allowed.
+    #[serde(default, rename = "onlyCIDRs")]
+    pub only_cidrs: bool,
 }
 
 /// The optional TLS listener.
@@ -208,6 +214,7 @@ fn default_allow() -> Vec<AllowRule> {
         host: Some(DEFAULT_ALLOW_HOST.to_owned()),
         ports: default_ports(),
         cidrs: Vec::new(),
+        only_cidrs: false,
     }]
 }
 
@@ -353,6 +360,12 @@ impl Config {
                     "a rule needs a host, or cidrs for IP-literal targets",
                 ));
             }
+            if rule.only_cidrs && rule.cidrs.is_empty() {
+                return Err(invalid(
+                    format!("allow[{i}].onlyCIDRs"),
+                    "needs cidrs: with onlyCIDRs every address must lie inside the rule's cidrs, and it lists none",
+                ));
+            }
             if rule.ports.is_empty() {
                 return Err(invalid(format!("allow[{i}].ports"), "must not be empty"));
             }
@@ -468,6 +481,13 @@ hosts:
         assert_eq!(c.log_format, LogFormat::Json);
         assert_eq!(c.allow[1].ports, vec![443, 8443]);
         assert_eq!(c.deny_cidrs.len(), 2);
+        assert!(!c.allow[0].only_cidrs);
+        let c = Config::parse(
+            "allow: [{host: a.blob.core.windows.net, cidrs: [10.20.0.0/24], onlyCIDRs: true}]",
+            "t",
+        )
+        .unwrap();
+        assert!(c.allow[0].only_cidrs);
     }
 
     fn err(text: &str) -> String {
@@ -488,6 +508,11 @@ hosts:
         assert!(err("allow: [{host: 'x.com', port: [1]}]").contains("port"));
         assert!(err("hosts: {'bad name': [127.0.0.1]}").contains("hosts.bad name"));
         assert!(err("denyCIDRs: [10.0.0.0/33]").contains("denyCIDRs"));
+        assert!(
+            err("allow: [{host: x.com, onlyCIDRs: true}]")
+                .contains("`allow[0].onlyCIDRs`: needs cidrs")
+        );
+        assert!(err("allow: [{host: x.com, onlyCidrs: true}]").contains("onlyCidrs"));
     }
 
     #[test]

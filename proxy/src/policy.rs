@@ -49,9 +49,40 @@ pub enum Denial {
     /// An IP-literal target outside every host-less rule's CIDRs.
     #[error("IP-literal target not allowed")]
     IpLiteralNotAllowed,
+    /// An IPv6 literal that carries an IPv4 address, and no host-less rule has an IPv6 range
+    /// containing it: an IPv4 range never allows an IPv6 address, whatever it embeds.
+    #[error(
+        "IPv6 literal {addr} embeds the IPv4 address {embedded} ({form}); an IPv4 range in cidrs does not allow IPv6 addresses"
+    )]
+    LiteralEmbedsIpv4 {
+        /// The literal as the client sent it.
+        addr: Ipv6Addr,
+        /// The IPv4 address a translator would deliver it to.
+        embedded: Ipv4Addr,
+        /// Which translation form carries it.
+        form: Translation,
+    },
     /// Every address the name resolved to is in a denied range.
     #[error("destination address {0} is in a denied range")]
     AddressDenied(IpAddr),
+    /// An IPv6 address whose embedded IPv4 address is in a denied range: a translator on that
+    /// prefix would deliver it there.
+    #[error(
+        "destination address {addr} embeds the IPv4 address {embedded} ({form}), which is in a denied range"
+    )]
+    EmbeddedAddressDenied {
+        /// The IPv6 address the name resolved to (or the literal).
+        addr: Ipv6Addr,
+        /// The IPv4 address it embeds.
+        embedded: Ipv4Addr,
+        /// Which translation form carries it.
+        form: Translation,
+    },
+    /// A rule with `onlyCIDRs: true` matched, and the address lies outside its `cidrs`.
+    #[error(
+        "destination address {0} is outside the cidrs of the matching rule (onlyCIDRs: true); for a private endpoint this usually means its private DNS zone is missing"
+    )]
+    OutsideRuleCidrs(IpAddr),
 }
 
 impl Denial {
@@ -60,8 +91,9 @@ impl Denial {
         match self {
             Self::HostNotAllowed => "host-not-allowed",
             Self::PortNotAllowed => "port-not-allowed",
-            Self::IpLiteralNotAllowed => "ip-literal-not-allowed",
-            Self::AddressDenied(_) => "address-denied",
+            Self::IpLiteralNotAllowed | Self::LiteralEmbedsIpv4 { .. } => "ip-literal-not-allowed",
+            Self::AddressDenied(_) | Self::EmbeddedAddressDenied { .. } => "address-denied",
+            Self::OutsideRuleCidrs(_) => "address-outside-cidrs",
         }
     }
 }
@@ -171,14 +203,26 @@ struct Rule {
     ports: Vec<u16>,
     /// Ranges that lift the default deny for this rule (normalised to network addresses).
     cidrs: Vec<IpNet>,
+    /// `onlyCIDRs`: every address must lie inside `cidrs`, public ones included.
+    only_cidrs: bool,
 }
 
-/// What [`Policy::authorize`] grants: which private ranges the target's addresses may fall in
-/// and, for IP literals and overridden names, the addresses themselves.
+/// What one matching rule lets a target's addresses be: the unit an address is checked
+/// against, so that one rule's `onlyCIDRs` is not undone by another rule's ranges.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    /// The rule's ranges; they lift the default deny inside them.
+    pub cidrs: Vec<IpNet>,
+    /// The rule's `onlyCIDRs`: an address outside `cidrs` is refused, public or not.
+    pub only_cidrs: bool,
+}
+
+/// What [`Policy::authorize`] grants: the scopes of the rules that matched and, for IP
+/// literals and overridden names, the addresses themselves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Grant {
-    /// Ranges named by every rule that matched; they lift the default deny inside them.
-    pub cidrs: Vec<IpNet>,
+    /// One scope per matching rule; an address may be dialled when any of them allows it.
+    pub scopes: Vec<Scope>,
     /// Addresses known without DNS (an IP literal, or a `hosts` override).
     pub known_addrs: Option<Vec<IpAddr>>,
 }
@@ -212,13 +256,17 @@ impl Policy {
                     host,
                     ports: r.ports.clone(),
                     cidrs: r.cidrs.iter().map(IpNet::trunc).collect(),
+                    only_cidrs: r.only_cidrs,
                 })
             })
             .collect();
         let hosts = config
             .hosts
             .iter()
-            .filter_map(|(k, v)| Some((normalize_name(k).ok()?, v.clone())))
+            .filter_map(|(k, v)| {
+                let addrs = v.iter().map(IpAddr::to_canonical).collect();
+                Some((normalize_name(k).ok()?, addrs))
+            })
             .collect();
         Self {
             rules,
@@ -240,67 +288,151 @@ impl Policy {
                 if by_host.is_empty() {
                     return Err(Denial::HostNotAllowed);
                 }
-                let by_port: Vec<&Rule> = by_host
+                let scopes: Vec<Scope> = by_host
                     .into_iter()
                     .filter(|r| r.ports.contains(&target.port))
+                    .map(|r| Scope {
+                        cidrs: r.cidrs.clone(),
+                        only_cidrs: r.only_cidrs,
+                    })
                     .collect();
-                if by_port.is_empty() {
+                if scopes.is_empty() {
                     return Err(Denial::PortNotAllowed);
                 }
                 Ok(Grant {
-                    cidrs: by_port.iter().flat_map(|r| r.cidrs.clone()).collect(),
+                    scopes,
                     known_addrs: self.hosts.get(name).cloned(),
                 })
             }
             Host::Ip(ip) => {
-                let views = views(*ip);
-                let cidrs: Vec<IpNet> = self
+                // `::ffff:a.b.c.d` is how the socket API spells the IPv4 address a.b.c.d (it
+                // leaves as IPv4), so it is that address. Every other IPv6 form is IPv6: an
+                // IPv4 range does not contain it, whatever it embeds.
+                let ip = ip.to_canonical();
+                let scopes: Vec<Scope> = self
                     .rules
                     .iter()
                     .filter(|r| r.host.is_none() && r.ports.contains(&target.port))
-                    .flat_map(|r| r.cidrs.iter().copied())
-                    .filter(|c| views.iter().any(|v| c.contains(v)))
+                    .map(|r| Scope {
+                        cidrs: r
+                            .cidrs
+                            .iter()
+                            .copied()
+                            .filter(|c| c.contains(&ip))
+                            .collect(),
+                        only_cidrs: r.only_cidrs,
+                    })
+                    .filter(|s| !s.cidrs.is_empty())
                     .collect();
-                if cidrs.is_empty() {
-                    return Err(Denial::IpLiteralNotAllowed);
+                if scopes.is_empty() {
+                    return Err(match ip {
+                        IpAddr::V6(addr) => match embedded_ipv4(addr).first() {
+                            Some(&(embedded, form)) => Denial::LiteralEmbedsIpv4 {
+                                addr,
+                                embedded,
+                                form,
+                            },
+                            None => Denial::IpLiteralNotAllowed,
+                        },
+                        IpAddr::V4(_) => Denial::IpLiteralNotAllowed,
+                    });
                 }
                 Ok(Grant {
-                    cidrs,
-                    known_addrs: Some(vec![*ip]),
+                    scopes,
+                    known_addrs: Some(vec![ip]),
                 })
             }
         }
     }
 
-    /// Second decision, on the resolved addresses: keeps those the grant may reach, in order.
-    /// Fails when none is left, naming the first refused address.
+    /// Second decision, on the resolved addresses: keeps those the grant may reach, in order
+    /// (IPv4-mapped addresses as the IPv4 address they are). Fails when none is left, with
+    /// the reason the first address was refused.
     pub fn filter(&self, grant: &Grant, addrs: &[IpAddr]) -> Result<Vec<IpAddr>, Denial> {
-        let allowed: Vec<IpAddr> = addrs
-            .iter()
-            .copied()
-            .filter(|a| self.address_allowed(*a, &grant.cidrs))
-            .collect();
-        match (allowed.is_empty(), addrs.first()) {
-            (false, _) => Ok(allowed),
-            (true, Some(first)) => Err(Denial::AddressDenied(*first)),
-            (true, None) => Err(Denial::AddressDenied(IpAddr::V4(Ipv4Addr::UNSPECIFIED))),
+        let mut allowed = Vec::with_capacity(addrs.len());
+        let mut first_refusal = None;
+        for addr in addrs.iter().map(IpAddr::to_canonical) {
+            match self.check_grant(addr, grant) {
+                Ok(()) => allowed.push(addr),
+                Err(d) => {
+                    first_refusal.get_or_insert(d);
+                }
+            }
+        }
+        match first_refusal {
+            Some(d) if allowed.is_empty() => Err(d),
+            None if allowed.is_empty() => {
+                Err(Denial::AddressDenied(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))
+            }
+            _ => Ok(allowed),
         }
     }
 
-    /// May `addr` be dialled under a grant naming `cidrs`? Every form of the address (an
-    /// IPv4-mapped, -compatible, NAT64 or 6to4 IPv6 address is also checked as the IPv4
-    /// address it embeds) must pass: not in `denyCIDRs`, and inside a default-deny range only
-    /// where a granted CIDR contains the address and lies inside that range (so a rule naming
-    /// `10.20.0.0/16` opens that subnet, while `0.0.0.0/0` opens no private range).
-    pub fn address_allowed(&self, addr: IpAddr, cidrs: &[IpNet]) -> bool {
-        views(addr).iter().all(|v| {
-            !self.deny.iter().any(|d| d.contains(v))
-                && self
-                    .default_deny
-                    .iter()
-                    .filter(|d| d.contains(v))
-                    .all(|d| cidrs.iter().any(|c| c.contains(v) && d.contains(c)))
-        })
+    /// May `addr` be dialled under `grant`? Yes when one of its scopes allows it; otherwise
+    /// the first scope's reason.
+    fn check_grant(&self, addr: IpAddr, grant: &Grant) -> Result<(), Denial> {
+        let mut first = None;
+        for scope in &grant.scopes {
+            match self.check_address(addr, scope) {
+                Ok(()) => return Ok(()),
+                Err(d) => {
+                    first.get_or_insert(d);
+                }
+            }
+        }
+        Err(first.unwrap_or(Denial::AddressDenied(addr)))
+    }
+
+    /// May `addr` be dialled under one rule's scope? In order:
+    /// - not in `denyCIDRs`;
+    /// - inside a default-deny range only where one of the scope's CIDRs contains the address
+    ///   and lies inside that range (so `10.20.0.0/16` opens that subnet, while `0.0.0.0/0`
+    ///   opens no private range);
+    /// - for an IPv6 address, no IPv4 address it embeds ([`embedded_ipv4`]) lies in a denied
+    ///   range; no rule lifts that, as an IPv4 range never allows an IPv6 address;
+    /// - with `onlyCIDRs`, inside one of the scope's CIDRs.
+    pub fn check_address(&self, addr: IpAddr, scope: &Scope) -> Result<(), Denial> {
+        let addr = addr.to_canonical();
+        if self.deny.iter().any(|d| d.contains(&addr)) {
+            return Err(Denial::AddressDenied(addr));
+        }
+        let lifted = |d: &IpNet| {
+            scope
+                .cidrs
+                .iter()
+                .any(|c| c.contains(&addr) && d.contains(c))
+        };
+        if !self
+            .default_deny
+            .iter()
+            .filter(|d| d.contains(&addr))
+            .all(lifted)
+        {
+            return Err(Denial::AddressDenied(addr));
+        }
+        if let IpAddr::V6(v6) = addr
+            && let Some(&(embedded, form)) = embedded_ipv4(v6)
+                .iter()
+                .find(|(v4, _)| self.in_denied_range(IpAddr::V4(*v4)))
+        {
+            return Err(Denial::EmbeddedAddressDenied {
+                addr: v6,
+                embedded,
+                form,
+            });
+        }
+        if scope.only_cidrs && !scope.cidrs.iter().any(|c| c.contains(&addr)) {
+            return Err(Denial::OutsideRuleCidrs(addr));
+        }
+        Ok(())
+    }
+
+    /// Whether `addr` lies in a default-deny range or in `denyCIDRs`, whatever the rules say.
+    pub fn in_denied_range(&self, addr: IpAddr) -> bool {
+        self.default_deny
+            .iter()
+            .chain(&self.deny)
+            .any(|d| d.contains(&addr))
     }
 }
 
@@ -312,29 +444,70 @@ fn default_deny() -> Vec<IpNet> {
         .collect()
 }
 
-/// The forms an address is checked in: itself, plus the IPv4 address an IPv6 address embeds
-/// when it is IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64
-/// (`64:ff9b::a.b.c.d`) or 6to4 (`2002:aabb:ccdd::`): a kernel or a translator would deliver
-/// those to the IPv4 address.
-pub fn views(addr: IpAddr) -> Vec<IpAddr> {
-    let mut out = vec![addr];
-    if let IpAddr::V6(v6) = addr {
-        let s = v6.segments();
-        let o = v6.octets();
-        let embedded = if let Some(v4) = v6.to_ipv4_mapped() {
-            Some(v4)
-        } else if (s[..6] == [0; 6] && !(v6.is_unspecified() || v6.is_loopback()))
-            || s[..6] == [0x64, 0xff9b, 0, 0, 0, 0]
-        {
-            Some(Ipv4Addr::new(o[12], o[13], o[14], o[15]))
-        } else if s[0] == 0x2002 {
-            Some(Ipv4Addr::new(o[2], o[3], o[4], o[5]))
-        } else {
-            None
-        };
-        out.extend(embedded.map(IpAddr::V4));
+/// An IPv6 address format that carries an IPv4 address: a kernel, a tunnel or a translator
+/// on that prefix delivers such an IPv6 address to the IPv4 address inside it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Translation {
+    /// `::ffff:a.b.c.d` (RFC 4291): the socket API's spelling of an IPv4 address.
+    Mapped,
+    /// `::a.b.c.d` (RFC 4291, deprecated): old stacks tunnel it to the IPv4 address.
+    Compatible,
+    /// `::ffff:0:a.b.c.d` (RFC 2765, IPv4-translated): stateless IP/ICMP translation.
+    Siit,
+    /// `64:ff9b::a.b.c.d` (RFC 6052): the well-known NAT64 prefix.
+    Nat64,
+    /// `64:ff9b:1::/48` (RFC 8215): local-use NAT64, read in the `/96` format (the IPv4
+    /// address in the last 32 bits), the one translators use by default.
+    Nat64LocalUse,
+    /// `2002:aabb:ccdd::/48` (RFC 3056): 6to4, the relay sends to a.b.c.d.
+    SixToFour,
+    /// `2001:0:aabb:ccdd::/64` (RFC 4380): the Teredo server address in bits 32-63.
+    TeredoServer,
+    /// `2001:0:…:wwxx:yyzz` (RFC 4380): the Teredo client's public address, bit-inverted in
+    /// the last 32 bits.
+    TeredoClient,
+}
+
+impl fmt::Display for Translation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Mapped => "IPv4-mapped ::ffff:0:0/96",
+            Self::Compatible => "IPv4-compatible ::/96",
+            Self::Siit => "SIIT ::ffff:0:0:0/96",
+            Self::Nat64 => "NAT64 64:ff9b::/96",
+            Self::Nat64LocalUse => "local-use NAT64 64:ff9b:1::/48",
+            Self::SixToFour => "6to4 2002::/16",
+            Self::TeredoServer => "Teredo server 2001::/32",
+            Self::TeredoClient => "Teredo client 2001::/32",
+        })
     }
-    out
+}
+
+/// Every IPv4 address `addr` carries, with the form that carries it: empty for an address
+/// that is no translation form. The one place these formats are decoded; the policy checks
+/// each result against the IPv4 deny ranges.
+pub fn embedded_ipv4(addr: Ipv6Addr) -> Vec<(Ipv4Addr, Translation)> {
+    let s = addr.segments();
+    let o = addr.octets();
+    let v4 = |at: usize| Ipv4Addr::new(o[at], o[at + 1], o[at + 2], o[at + 3]);
+    match s {
+        [0, 0, 0, 0, 0, 0xffff, ..] => vec![(v4(12), Translation::Mapped)],
+        [0, 0, 0, 0, 0xffff, 0, ..] => vec![(v4(12), Translation::Siit)],
+        // `::` and `::1` are the unspecified and loopback addresses, denied as themselves.
+        [0, 0, 0, 0, 0, 0, 0, 0 | 1] => Vec::new(),
+        [0, 0, 0, 0, 0, 0, ..] => vec![(v4(12), Translation::Compatible)],
+        [0x64, 0xff9b, 0, 0, 0, 0, ..] => vec![(v4(12), Translation::Nat64)],
+        [0x64, 0xff9b, 1, ..] => vec![(v4(12), Translation::Nat64LocalUse)],
+        [0x2002, ..] => vec![(v4(2), Translation::SixToFour)],
+        [0x2001, 0, ..] => {
+            let client = u32::from(v4(12)) ^ u32::MAX;
+            vec![
+                (v4(4), Translation::TeredoServer),
+                (Ipv4Addr::from(client), Translation::TeredoClient),
+            ]
+        }
+        _ => Vec::new(),
+    }
 }
 
 #[cfg(test)]
@@ -462,7 +635,7 @@ mod tests {
             "64:ff9b::a9fe:a9fe",
             "2002:7f00:1::1",
         ] {
-            assert!(!p.address_allowed(a(bad), &g.cidrs), "{bad} must be denied");
+            assert!(!p.filter(&g, &[a(bad)]).is_ok(), "{bad} must be denied");
         }
         for good in [
             "20.60.0.1",
@@ -470,10 +643,7 @@ mod tests {
             "2603:1000::1",
             "::ffff:20.60.0.1",
         ] {
-            assert!(
-                p.address_allowed(a(good), &g.cidrs),
-                "{good} must be allowed"
-            );
+            assert!(p.filter(&g, &[a(good)]).is_ok(), "{good} must be allowed");
         }
     }
 
@@ -485,21 +655,21 @@ mod tests {
         let g = p
             .authorize(&name("acct.blob.core.windows.net", 443))
             .unwrap();
-        assert!(p.address_allowed(a("10.20.1.4"), &g.cidrs));
-        assert!(p.address_allowed(a("::ffff:10.20.1.4"), &g.cidrs));
-        assert!(!p.address_allowed(a("10.21.1.4"), &g.cidrs));
+        assert!(p.filter(&g, &[a("10.20.1.4")]).is_ok());
+        assert!(p.filter(&g, &[a("::ffff:10.20.1.4")]).is_ok());
+        assert!(!p.filter(&g, &[a("10.21.1.4")]).is_ok());
         // denyCIDRs win over rules (the cluster's own pod and service ranges).
-        assert!(!p.address_allowed(a("10.20.5.9"), &g.cidrs));
+        assert!(!p.filter(&g, &[a("10.20.5.9")]).is_ok());
         // Other rules' cidrs do not leak into this grant.
-        assert!(!p.address_allowed(a("169.254.169.254"), &g.cidrs));
+        assert!(!p.filter(&g, &[a("169.254.169.254")]).is_ok());
 
         // A wide CIDR does not lift the default deny of the narrower ranges inside it.
         let p = policy("allow: [{host: x.com, cidrs: [0.0.0.0/0, '::/0']}]");
         let g = p.authorize(&name("x.com", 443)).unwrap();
-        assert!(!p.address_allowed(a("127.0.0.1"), &g.cidrs));
-        assert!(!p.address_allowed(a("169.254.169.254"), &g.cidrs));
-        assert!(!p.address_allowed(a("::1"), &g.cidrs));
-        assert!(p.address_allowed(a("8.8.8.8"), &g.cidrs));
+        assert!(!p.filter(&g, &[a("127.0.0.1")]).is_ok());
+        assert!(!p.filter(&g, &[a("169.254.169.254")]).is_ok());
+        assert!(!p.filter(&g, &[a("::1")]).is_ok());
+        assert!(p.filter(&g, &[a("8.8.8.8")]).is_ok());
     }
 
     #[test]
@@ -571,14 +741,190 @@ mod tests {
     }
 
     #[test]
-    fn views_embed_ipv4() {
+    fn embedded_ipv4_reads_every_translation_form() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let v4 = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        use Translation::*;
+        for (addr, want) in [
+            ("::ffff:1.2.3.4", vec![("1.2.3.4", Mapped)]),
+            ("::1.2.3.4", vec![("1.2.3.4", Compatible)]),
+            ("::ffff:0:7f00:1", vec![("127.0.0.1", Siit)]),
+            ("64:ff9b::7f00:2", vec![("127.0.0.2", Nat64)]),
+            (
+                "64:ff9b:1::a9fe:a9fe",
+                vec![("169.254.169.254", Nat64LocalUse)],
+            ),
+            (
+                "64:ff9b:1:ab::a9fe:a9fe",
+                vec![("169.254.169.254", Nat64LocalUse)],
+            ),
+            ("2002:7f00:2::1", vec![("127.0.0.2", SixToFour)]),
+            ("2002:7f00:2:ffff:1:2:3:4", vec![("127.0.0.2", SixToFour)]),
+            (
+                "2001:0:a9fe:a9fe:0:ffff:80ff:fffe",
+                vec![
+                    ("169.254.169.254", TeredoServer),
+                    ("127.0.0.1", TeredoClient),
+                ],
+            ),
+        ] {
+            let want: Vec<(Ipv4Addr, Translation)> =
+                want.into_iter().map(|(a, f)| (v4(a), f)).collect();
+            assert_eq!(embedded_ipv4(v6(addr)), want, "{addr}");
+        }
+        for none in [
+            "::",
+            "::1",
+            "2603:1000::1",
+            "64:ff9b:2::1",
+            "2001:db8::1",
+            "fe80::1",
+        ] {
+            assert_eq!(embedded_ipv4(v6(none)), vec![], "{none}");
+        }
+    }
+
+    #[test]
+    fn ipv4_rules_never_allow_ipv6_literals() {
+        // The outside review's cases: a host-less rule for 127.0.0.2/32 let these through.
+        let p = policy("allow: [{cidrs: [127.0.0.2/32], ports: [443]}]");
+        for (literal, embedded) in [
+            ("64:ff9b::7f00:2", "127.0.0.2"),
+            ("2002:7f00:2::1", "127.0.0.2"),
+            ("2002:7f00:2:abcd::99", "127.0.0.2"),
+            ("::127.0.0.2", "127.0.0.2"),
+            ("::ffff:0:7f00:2", "127.0.0.2"),
+            ("64:ff9b:1::7f00:2", "127.0.0.2"),
+        ] {
+            let denial = p.authorize(&ip(literal, 443)).unwrap_err();
+            assert_eq!(denial.reason(), "ip-literal-not-allowed", "{literal}");
+            assert!(
+                denial
+                    .to_string()
+                    .contains(&format!("embeds the IPv4 address {embedded} (")),
+                "{literal}: {denial}"
+            );
+        }
+        // The IPv4 literal itself, and its IPv4-mapped spelling (the same packets), pass.
+        assert!(p.authorize(&ip("127.0.0.2", 443)).is_ok());
+        let g = p.authorize(&ip("::ffff:127.0.0.2", 443)).unwrap();
+        assert_eq!(g.known_addrs, Some(vec![a("127.0.0.2")]));
         assert_eq!(
-            views(a("::ffff:1.2.3.4")),
-            vec![a("::ffff:1.2.3.4"), a("1.2.3.4")]
+            p.filter(&g, &[a("::ffff:127.0.0.2")]),
+            Ok(vec![a("127.0.0.2")])
         );
-        assert_eq!(views(a("::1.2.3.4")), vec![a("::1.2.3.4"), a("1.2.3.4")]);
-        assert_eq!(views(a("::1")), vec![a("::1")]);
-        assert_eq!(views(a("::")), vec![a("::")]);
-        assert_eq!(views(a("2603::1")), vec![a("2603::1")]);
+
+        // An IPv6 range lets the literal past the rule, and the embedded address is still
+        // checked: a denied IPv4 inside refuses it, naming that address.
+        let p = policy("allow: [{cidrs: [127.0.0.2/32, '64:ff9b::/96'], ports: [443]}]");
+        let g = p.authorize(&ip("64:ff9b::7f00:2", 443)).unwrap();
+        let denial = p.filter(&g, &[a("64:ff9b::7f00:2")]).unwrap_err();
+        assert_eq!(
+            denial.to_string(),
+            "destination address 64:ff9b::7f00:2 embeds the IPv4 address 127.0.0.2 (NAT64 64:ff9b::/96), which is in a denied range"
+        );
+        let g = p.authorize(&ip("64:ff9b::808:808", 443)).unwrap();
+        assert!(p.filter(&g, &[a("64:ff9b::808:808")]).is_ok());
+    }
+
+    #[test]
+    fn resolved_translation_forms_are_checked_as_their_ipv4() {
+        // A rule that opens 127.0.0.0/8 and 169.254.0.0/16 for IPv4 opens neither for the
+        // IPv6 forms that embed them.
+        let p = policy(
+            "allow: [{host: x.com, cidrs: [127.0.0.0/8, 169.254.0.0/16]}]\ndenyCIDRs: [20.0.0.0/8]",
+        );
+        let g = p.authorize(&name("x.com", 443)).unwrap();
+        for (addr, embedded) in [
+            ("64:ff9b:1::a9fe:a9fe", "169.254.169.254"),
+            ("::ffff:0:7f00:1", "127.0.0.1"),
+            ("64:ff9b::7f00:1", "127.0.0.1"),
+            ("::127.0.0.1", "127.0.0.1"),
+            ("2002:a9fe:a9fe::1", "169.254.169.254"),
+            ("2001:0:a9fe:a9fe::1", "169.254.169.254"),
+            ("2001:0:808:808:0:ffff:80ff:fffe", "127.0.0.1"),
+            // denyCIDRs are IPv4 deny ranges too.
+            ("64:ff9b::1400:1", "20.0.0.1"),
+        ] {
+            match p.filter(&g, &[a(addr)]) {
+                Err(Denial::EmbeddedAddressDenied { embedded: e, .. }) => {
+                    assert_eq!(e, embedded.parse::<Ipv4Addr>().unwrap(), "{addr}")
+                }
+                other => panic!("{addr}: {other:?}"),
+            }
+        }
+        // The IPv4 addresses themselves pass this rule; so do translated public addresses.
+        assert!(p.filter(&g, &[a("127.0.0.1")]).is_ok());
+        assert!(p.filter(&g, &[a("::ffff:127.0.0.1")]).is_ok());
+        assert!(p.filter(&g, &[a("64:ff9b::808:808")]).is_ok());
+        assert!(p.filter(&g, &[a("2002:808:808::1")]).is_ok());
+    }
+
+    #[test]
+    fn only_cidrs_refuses_every_address_outside_the_rule() {
+        let p = policy(
+            "allow:\n- {host: myaccount.blob.core.windows.net, cidrs: [10.240.0.0/24, 'fd00:1::/64'], onlyCIDRs: true}\n- {host: '*.example.com', cidrs: [10.240.0.0/24]}\ndenyCIDRs: [10.240.0.128/25]",
+        );
+        let g = p
+            .authorize(&name("myaccount.blob.core.windows.net", 443))
+            .unwrap();
+        // The private endpoint is allowed; the public address (no private DNS zone) is not.
+        assert_eq!(p.filter(&g, &[a("10.240.0.5")]), Ok(vec![a("10.240.0.5")]));
+        assert_eq!(p.filter(&g, &[a("fd00:1::5")]), Ok(vec![a("fd00:1::5")]));
+        let denial = p.filter(&g, &[a("198.51.100.20")]).unwrap_err();
+        assert_eq!(denial, Denial::OutsideRuleCidrs(a("198.51.100.20")));
+        assert_eq!(denial.reason(), "address-outside-cidrs");
+        assert!(
+            denial
+                .to_string()
+                .contains("198.51.100.20 is outside the cidrs")
+        );
+        // Other private ranges and IPv6 forms of the subnet are outside too.
+        assert_eq!(
+            p.filter(&g, &[a("10.241.0.5")]),
+            Err(Denial::AddressDenied(a("10.241.0.5")))
+        );
+        assert!(p.filter(&g, &[a("2603:1000::1")]).is_err());
+        assert!(p.filter(&g, &[a("64:ff9b::af0:5")]).is_err());
+        // Deny ranges still win inside the rule's cidrs.
+        assert_eq!(
+            p.filter(&g, &[a("10.240.0.200")]),
+            Err(Denial::AddressDenied(a("10.240.0.200")))
+        );
+        // A mixed answer keeps only the private endpoint.
+        assert_eq!(
+            p.filter(&g, &[a("198.51.100.20"), a("10.240.0.5")]),
+            Ok(vec![a("10.240.0.5")])
+        );
+        // Without the switch, public addresses stay allowed (today's meaning).
+        let g = p.authorize(&name("www.example.com", 443)).unwrap();
+        assert!(p.filter(&g, &[a("198.51.100.20")]).is_ok());
+        assert!(p.filter(&g, &[a("10.240.0.5")]).is_ok());
+    }
+
+    #[test]
+    fn each_matching_rule_is_its_own_scope() {
+        // A wildcard rule without onlyCIDRs also matches: either rule may allow an address.
+        let p = policy(
+            "allow:\n- {host: a.x.com, cidrs: [10.1.0.0/24], onlyCIDRs: true}\n- {host: '*.x.com', cidrs: [10.2.0.0/24]}",
+        );
+        let g = p.authorize(&name("a.x.com", 443)).unwrap();
+        assert_eq!(g.scopes.len(), 2);
+        assert!(p.filter(&g, &[a("10.1.0.1")]).is_ok());
+        assert!(p.filter(&g, &[a("10.2.0.1")]).is_ok());
+        assert!(p.filter(&g, &[a("198.51.100.20")]).is_ok());
+        // The onlyCIDRs rule alone (other port) refuses what is outside its range.
+        let p = policy(
+            "allow:\n- {host: a.x.com, cidrs: [10.1.0.0/24], onlyCIDRs: true}\n- {host: '*.x.com', cidrs: [10.2.0.0/24], ports: [8443]}",
+        );
+        let g = p.authorize(&name("a.x.com", 443)).unwrap();
+        assert_eq!(
+            p.filter(&g, &[a("10.2.0.1")]),
+            Err(Denial::AddressDenied(a("10.2.0.1")))
+        );
+        assert_eq!(
+            p.filter(&g, &[a("198.51.100.20")]),
+            Err(Denial::OutsideRuleCidrs(a("198.51.100.20")))
+        );
     }
 }
