@@ -1,41 +1,76 @@
 //! The admin port: `/healthz` (the process serves), `/readyz` (it takes new tunnels; 503 once
 //! draining, so the Service stops sending clients here) and `/metrics` (Prometheus text).
+//! Its connections count against the same descriptor budget as the tunnels, so they are
+//! bounded: a header timeout (also the idle timeout), a lifetime, and a small cap at which
+//! the oldest connection makes room for the newest.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
+use hyper::server::conn::http1;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::task::AbortHandle;
 
-use crate::listener::Shared;
+use crate::listener::{AcceptErrors, Shared};
 
 /// Content type of the exposition format prometheus-client writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+/// Time a connection may take to send a request head. hyper arms this timer whenever the
+/// connection waits for a request, so it also closes silent connections and idle
+/// keep-alive ones between requests: probes and scrapes send at once, and a scraper that
+/// keeps its connection open between scrapes simply reconnects.
+pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of an admin connection, whatever it is doing: bounds what the header timer
+/// cannot see (a body trickled after the head, a response never read).
+pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Admin connections open at once. Probes and a scraper need two or three; when a new one
+/// arrives at the cap, the oldest is closed, so a pile of idle connections can neither
+/// exhaust descriptors nor keep the kubelet's probe waiting in the backlog.
+pub const ADMIN_MAX_CONNECTIONS: usize = 16;
+/// Pause after a failed `accept()` (EMFILE) before the next try.
+const ADMIN_ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Serves the admin port until the task is aborted.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+    let http = Arc::new(http);
+    let mut open: VecDeque<AbortHandle> = VecDeque::with_capacity(ADMIN_MAX_CONNECTIONS);
+    let mut errors = AcceptErrors::new("admin accept failed");
     loop {
-        let (socket, _) = match listener.accept().await {
-            Ok(x) => x,
+        let socket = match listener.accept().await {
+            Ok((socket, _)) => socket,
             Err(e) => {
-                tracing::warn!(error = %e, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                errors.failed(&e, Instant::now());
+                tokio::time::sleep(ADMIN_ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        open.retain(|task| !task.is_finished());
+        if open.len() >= ADMIN_MAX_CONNECTIONS
+            && let Some(oldest) = open.pop_front()
+        {
+            tracing::debug!("admin connection limit reached: closing the oldest");
+            oldest.abort();
+        }
         let shared = shared.clone();
-        tokio::spawn(async move {
+        let http = http.clone();
+        let task = tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 async move { Ok::<_, Infallible>(route(&req, &shared)) }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(socket), svc)
-                .await;
+            let conn = http.serve_connection(TokioIo::new(socket), svc);
+            let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, conn).await;
         });
+        open.push_back(task.abort_handle());
     }
 }
 

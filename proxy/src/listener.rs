@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
@@ -29,6 +29,9 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest pause between `accept()` retries: long enough to let descriptors free up, short
 /// enough that recovery is quick.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+/// At most one "accept failed" line per this interval: when descriptors run out, accept
+/// fails on every retry, and a line per failure would flood the log.
+const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// After the drain deadline cuts tunnels, time allowed for tasks still in their head or
 /// connect phase (bounded by their own timeouts) before the process exits anyway.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
@@ -330,6 +333,49 @@ enum Kind {
     Tls,
 }
 
+/// Rate-limits one accept loop's error line: the first failure is logged at once, later
+/// ones at most every [`ACCEPT_ERROR_LOG_INTERVAL`], with the number left out in between.
+#[derive(Debug)]
+pub(crate) struct AcceptErrors {
+    /// The log message, naming the listener.
+    message: &'static str,
+    /// When a line was last written; `None` before the first failure.
+    last_logged: Option<Instant>,
+    /// Failures since that line that were not logged.
+    suppressed: u64,
+}
+
+impl AcceptErrors {
+    /// A limiter for the loop whose failures log `message`.
+    pub(crate) fn new(message: &'static str) -> Self {
+        Self {
+            message,
+            last_logged: None,
+            suppressed: 0,
+        }
+    }
+
+    /// Records a failed `accept()` at `now`; logs it unless a line went out less than the
+    /// interval ago. Returns whether it logged.
+    pub(crate) fn failed(&mut self, error: &std::io::Error, now: Instant) -> bool {
+        let due = self
+            .last_logged
+            .is_none_or(|t| now.duration_since(t) >= ACCEPT_ERROR_LOG_INTERVAL);
+        if !due {
+            self.suppressed += 1;
+            return false;
+        }
+        tracing::warn!(
+            error = %error,
+            suppressed = self.suppressed,
+            "{}", self.message
+        );
+        self.last_logged = Some(now);
+        self.suppressed = 0;
+        true
+    }
+}
+
 async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
@@ -339,6 +385,7 @@ async fn accept_loop(
 ) {
     let mut draining = shared.draining.subscribe();
     let mut backoff = ACCEPT_BACKOFF_MIN;
+    let mut errors = AcceptErrors::new("accept failed");
     loop {
         let slot = tokio::select! {
             s = slots.clone().acquire_owned() => match s {
@@ -351,7 +398,7 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
-                    tracing::warn!(error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed");
+                    errors.failed(&e, Instant::now());
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                     continue;
@@ -413,4 +460,25 @@ fn count_tls_failure(shared: &Shared) {
             reason: "tls-handshake".into(),
         })
         .inc();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn accept_errors_log_once_per_interval() {
+        let mut errors = AcceptErrors::new("accept failed");
+        let e = std::io::Error::from_raw_os_error(24); // EMFILE
+        let t0 = Instant::now();
+        assert!(errors.failed(&e, t0));
+        // Ten a second for nine seconds: none of them logged, all counted.
+        for i in 1..90 {
+            assert!(!errors.failed(&e, t0 + Duration::from_millis(100 * i)));
+        }
+        assert_eq!(errors.suppressed, 89);
+        assert!(errors.failed(&e, t0 + ACCEPT_ERROR_LOG_INTERVAL));
+        assert_eq!(errors.suppressed, 0);
+    }
 }

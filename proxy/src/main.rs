@@ -2,6 +2,7 @@
 //! the server, and turns signals and file changes into shutdown and reload.
 #![forbid(unsafe_code)]
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -95,10 +96,12 @@ fn init_tracing(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // No tracing target in the output: the access log has a field named `target` (the
-    // CONNECT target), which the target metadata would shadow in JSON.
+    // CONNECT target), which the target metadata would shadow in JSON. Colour only on a
+    // terminal: redirected to a file or a log collector, escape codes are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().flatten_event(true).init(),

@@ -113,6 +113,29 @@ async fn bad_config_exits_64_naming_the_field() {
 }
 
 #[tokio::test]
+async fn text_log_has_no_colour_codes_off_a_terminal() {
+    let mut child = Command::new(BIN)
+        .args(["--log-format", "text"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let line = tokio::time::timeout(WAIT, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(line.contains("egress-proxy listening"), "{line:?}");
+    assert!(
+        !line.contains('\x1b'),
+        "escape codes in a piped log: {line:?}"
+    );
+    child.kill().await.unwrap();
+}
+
+#[tokio::test]
 async fn access_log_reload_and_drain() {
     let up = echo_upstream().await;
     let port = up.addr.port();
