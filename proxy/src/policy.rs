@@ -385,16 +385,20 @@ impl Policy {
 
     /// May `addr` be dialled under one rule's scope? In order:
     /// - not in `denyCIDRs`;
+    /// - with `onlyCIDRs`, inside one of the scope's CIDRs (checked before the default deny,
+    ///   so the refusal names the rule's ranges, the thing to fix);
     /// - inside a default-deny range only where one of the scope's CIDRs contains the address
     ///   and lies inside that range (so `10.20.0.0/16` opens that subnet, while `0.0.0.0/0`
     ///   opens no private range);
     /// - for an IPv6 address, no IPv4 address it embeds ([`embedded_ipv4`]) lies in a denied
-    ///   range; no rule lifts that, as an IPv4 range never allows an IPv6 address;
-    /// - with `onlyCIDRs`, inside one of the scope's CIDRs.
+    ///   range; no rule lifts that, as an IPv4 range never allows an IPv6 address.
     pub fn check_address(&self, addr: IpAddr, scope: &Scope) -> Result<(), Denial> {
         let addr = addr.to_canonical();
         if self.deny.iter().any(|d| d.contains(&addr)) {
             return Err(Denial::AddressDenied(addr));
+        }
+        if scope.only_cidrs && !scope.cidrs.iter().any(|c| c.contains(&addr)) {
+            return Err(Denial::OutsideRuleCidrs(addr));
         }
         let lifted = |d: &IpNet| {
             scope
@@ -420,9 +424,6 @@ impl Policy {
                 embedded,
                 form,
             });
-        }
-        if scope.only_cidrs && !scope.cidrs.iter().any(|c| c.contains(&addr)) {
-            return Err(Denial::OutsideRuleCidrs(addr));
         }
         Ok(())
     }
@@ -879,13 +880,13 @@ mod tests {
                 .to_string()
                 .contains("198.51.100.20 is outside the cidrs")
         );
-        // Other private ranges and IPv6 forms of the subnet are outside too.
-        assert_eq!(
-            p.filter(&g, &[a("10.241.0.5")]),
-            Err(Denial::AddressDenied(a("10.241.0.5")))
-        );
-        assert!(p.filter(&g, &[a("2603:1000::1")]).is_err());
-        assert!(p.filter(&g, &[a("64:ff9b::af0:5")]).is_err());
+        // Other private ranges, IPv6 addresses and IPv6 forms of the subnet are outside too.
+        for outside in ["10.241.0.5", "127.0.0.1", "2603:1000::1", "64:ff9b::af0:5"] {
+            assert_eq!(
+                p.filter(&g, &[a(outside)]),
+                Err(Denial::OutsideRuleCidrs(a(outside)))
+            );
+        }
         // Deny ranges still win inside the rule's cidrs.
         assert_eq!(
             p.filter(&g, &[a("10.240.0.200")]),
@@ -920,7 +921,7 @@ mod tests {
         let g = p.authorize(&name("a.x.com", 443)).unwrap();
         assert_eq!(
             p.filter(&g, &[a("10.2.0.1")]),
-            Err(Denial::AddressDenied(a("10.2.0.1")))
+            Err(Denial::OutsideRuleCidrs(a("10.2.0.1")))
         );
         assert_eq!(
             p.filter(&g, &[a("198.51.100.20")]),

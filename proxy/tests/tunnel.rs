@@ -652,3 +652,81 @@ async fn bulk_bytes_arrive_intact_with_and_without_splice() {
         .await;
     }
 }
+
+#[tokio::test]
+async fn only_cidrs_pins_a_name_to_its_private_endpoint() {
+    // The private endpoint: an echo server on 127.0.0.2, the one address the rule allows.
+    let endpoint = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    let port = endpoint.local_addr().unwrap().port();
+    let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepts.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = endpoint.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    });
+    // A second listener on 127.0.0.3, the same port: outside the rule, it must see nothing.
+    let outside = upstream_on("127.0.0.3", port).await;
+    let p = proxy(&format!(
+        "allow:\n  - host: myaccount.blob.core.windows.net\n    ports: [{port}]\n    cidrs: [127.0.0.2/32]\n    onlyCIDRs: true\n\
+         hosts:\n  myaccount.blob.core.windows.net: [127.0.0.2]\n"
+    ))
+    .await;
+    let mut s = send(
+        p.addr,
+        format!("CONNECT myaccount.blob.core.windows.net:{port} HTTP/1.1\r\n\r\n").as_bytes(),
+    )
+    .await;
+    assert_eq!(read_head(&mut s).await, ESTABLISHED);
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    assert_eq!(accepts.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    // No private DNS zone: the name resolves to the account's public address. Refused, the
+    // reason naming the address, and nothing dialled. So is another private address.
+    for addr in ["198.51.100.20", "127.0.0.3"] {
+        let p = proxy(&format!(
+            "allow:\n  - host: myaccount.blob.core.windows.net\n    ports: [{port}]\n    cidrs: [127.0.0.2/32]\n    onlyCIDRs: true\n\
+             hosts:\n  myaccount.blob.core.windows.net: [{addr}]\n"
+        ))
+        .await;
+        let got = refusal(
+            p.addr,
+            &format!("CONNECT myaccount.blob.core.windows.net:{port} HTTP/1.1\r\n\r\n"),
+        )
+        .await;
+        assert_eq!(
+            got,
+            answer(
+                "403 Forbidden",
+                "address-outside-cidrs",
+                &format!(
+                    "destination address {addr} is outside the cidrs of the matching rule (onlyCIDRs: true); for a private endpoint this usually means its private DNS zone is missing\n"
+                ),
+                false
+            )
+        );
+    }
+    assert_eq!(outside.accepted(), 0);
+    assert_eq!(accepts.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
+
+/// A counting listener on a chosen loopback address and port.
+async fn upstream_on(ip: &str, port: u16) -> Upstream {
+    let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+    let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepts.clone();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((_s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    Upstream { addr, accepts }
+}
