@@ -7,6 +7,7 @@
 //! readiness, stops accepting, lets in-flight reviews finish and closes idle keep-alive
 //! connections (HTTP/2 GOAWAY), bounded by a grace period.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -27,6 +28,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
+use tokio::task::AbortHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, error, info, warn};
 
@@ -51,6 +53,20 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed `accept` (for example out of file descriptors) before retrying.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Time an admin connection may take to send a request head. hyper runs this timer
+/// whenever the connection waits for a request, so it also closes silent connections and
+/// idle keep-alive ones: probes and scrapes send at once.
+pub const ADMIN_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest life of an admin connection, whatever it does: bounds what the header timer
+/// cannot see (a body trickled after the head, a response never read).
+pub const ADMIN_CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+/// Admin connections open at once. Probes and a scraper need two or three; at the cap the
+/// oldest connection is closed to make room, so idle connections can neither exhaust file
+/// descriptors nor keep a probe waiting in the listen backlog.
+pub const ADMIN_MAX_CONNECTIONS: usize = 16;
+/// At most one "admin accept failed" line per this interval: out of descriptors, every
+/// retry fails, and a line per retry would flood the log.
+const ADMIN_ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Settings of `serve`, from the command line.
 #[derive(Clone, Debug)]
@@ -181,8 +197,7 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
     let (stop_tx, stop_rx) = watch::channel(false);
     let admin_task = tokio::spawn(serve_admin(
         admin,
-        Arc::clone(&readiness),
-        Arc::clone(&metrics),
+        admin_router(Arc::clone(&readiness), Arc::clone(&metrics)),
     ));
     let serve_task = tokio::spawn(serve_tls(
         listener,
@@ -577,9 +592,150 @@ pub fn admin_router(readiness: Arc<Readiness>, metrics: Arc<Metrics>) -> Router 
 }
 
 /// The admin port keeps answering during the drain, so probes see "not ready" rather than
-/// a refused connection; it stops with the process.
-async fn serve_admin(listener: TcpListener, readiness: Arc<Readiness>, metrics: Arc<Metrics>) {
-    if let Err(e) = axum::serve(listener, admin_router(readiness, metrics)).await {
-        error!(error = %e, "admin server failed");
+/// a refused connection; it stops with the process. HTTP/1.1 only (probes and scrapers speak
+/// it), with [`ADMIN_HEADER_TIMEOUT`], [`ADMIN_CONNECTION_LIFETIME`] and
+/// [`ADMIN_MAX_CONNECTIONS`] so that idle connections cannot starve the process.
+async fn serve_admin(listener: TcpListener, router: Router) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new())
+        .header_read_timeout(ADMIN_HEADER_TIMEOUT);
+    let http = Arc::new(http);
+    let mut open: VecDeque<AbortHandle> = VecDeque::with_capacity(ADMIN_MAX_CONNECTIONS);
+    let mut last_error_log: Option<Instant> = None;
+    let mut suppressed: u64 = 0;
+    loop {
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => tcp,
+            Err(e) => {
+                if last_error_log.is_none_or(|t| t.elapsed() >= ADMIN_ACCEPT_ERROR_LOG_INTERVAL) {
+                    warn!(error = %e, suppressed, "admin accept failed");
+                    last_error_log = Some(Instant::now());
+                    suppressed = 0;
+                } else {
+                    suppressed += 1;
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        open.retain(|task| !task.is_finished());
+        if open.len() >= ADMIN_MAX_CONNECTIONS
+            && let Some(oldest) = open.pop_front()
+        {
+            debug!("admin connection limit reached: closing the oldest");
+            oldest.abort();
+        }
+        let service = TowerToHyperService::new(router.clone());
+        let http = Arc::clone(&http);
+        let task = tokio::spawn(async move {
+            let conn = http.serve_connection(TokioIo::new(tcp), service);
+            let _ = tokio::time::timeout(ADMIN_CONNECTION_LIFETIME, conn).await;
+        });
+        open.push_back(task.abort_handle());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Margin over a timeout for the close to be seen on a busy machine.
+    const SLACK: Duration = Duration::from_secs(2);
+
+    async fn admin() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route("/healthz", get(|| async { "ok\n" }));
+        tokio::spawn(serve_admin(listener, router));
+        addr
+    }
+
+    async fn healthz(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await.unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// Reads to EOF; returns what came and how long after `since` the close was.
+    async fn until_closed(mut s: TcpStream, since: Instant) -> (String, Duration) {
+        let mut out = Vec::new();
+        tokio::time::timeout(ADMIN_HEADER_TIMEOUT + SLACK * 2, s.read_to_end(&mut out))
+            .await
+            .expect("admin connection still open past the header timeout")
+            .unwrap();
+        (String::from_utf8_lossy(&out).into_owned(), since.elapsed())
+    }
+
+    #[tokio::test]
+    async fn silent_half_sent_and_idle_connections_are_closed() {
+        let addr = admin().await;
+        let since = Instant::now();
+        let silent = TcpStream::connect(addr).await.unwrap();
+        let mut half = TcpStream::connect(addr).await.unwrap();
+        half.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .unwrap();
+        let mut idle = TcpStream::connect(addr).await.unwrap();
+        idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let results = tokio::join!(
+            until_closed(silent, since),
+            until_closed(half, since),
+            until_closed(idle, since)
+        );
+        for (what, (_, after)) in [
+            ("silent", &results.0),
+            ("half-sent", &results.1),
+            ("idle", &results.2),
+        ] {
+            assert!(
+                *after >= ADMIN_HEADER_TIMEOUT - Duration::from_millis(500)
+                    && *after <= ADMIN_HEADER_TIMEOUT + SLACK,
+                "{what} connection closed after {after:?}"
+            );
+        }
+        assert!(
+            results.2.0.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{}",
+            results.2.0
+        );
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_the_cap_make_room_for_a_probe() {
+        let addr = admin().await;
+        let fds = || std::fs::read_dir("/proc/self/fd").unwrap().count();
+        let before = fds();
+        let mut idle = Vec::new();
+        for _ in 0..300 {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let answer = tokio::time::timeout(SLACK, healthz(addr))
+            .await
+            .expect("/healthz not answered while idle connections are open");
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        // This process holds the 300 client ends; the server side holds at most the cap (plus
+        // what other tests open meanwhile), not another 300.
+        let held = fds() - before;
+        assert!(
+            held < 300 + ADMIN_MAX_CONNECTIONS + 64,
+            "{held} descriptors for 300 idle admin connections"
+        );
+        // The oldest connections were closed by the server.
+        let mut first = idle.remove(0);
+        let mut buf = [0u8; 1];
+        let n = tokio::time::timeout(SLACK, first.read(&mut buf))
+            .await
+            .expect("the oldest idle connection is still open")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
     }
 }
