@@ -92,6 +92,10 @@ async fn bad_config_exits_64_naming_the_field() {
         ),
         ("idleTimout: 5m\n", "idleTimout"),
         ("keepalive: 10m\n", "keepalive"),
+        (
+            "allow: [{host: a.blob.core.windows.net, onlyCIDRs: true}]\n",
+            "allow[0].onlyCIDRs",
+        ),
     ] {
         let path = dir.join("c.yaml");
         std::fs::write(&path, text).unwrap();
