@@ -21,7 +21,6 @@
 #   PRIVATE_E2E=0   skip the e2e part (the benchmark smoke alone)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-src=$PWD
 say() { echo "private-checkout: $*" >&2; }
 
 if [[ $(id -u) -ne 0 ]]; then
@@ -42,7 +41,8 @@ git ls-files -z --cached --others --exclude-standard |
   tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$co"
 say "work tree copied to $co (under a 0700 folder)"
 
-before=$(ls -d /tmp/egress-bench-* 2>/dev/null | sort || true)
+bench_dirs() { find /tmp -maxdepth 1 -name 'egress-bench-*' | sort; } # see peer_rundir
+before=$(bench_dirs)
 t0=$SECONDS
 if ! (cd "$co" && BENCH_QUICK=1 bash scripts/bench-proxy.sh); then
   for f in "$co"/target/bench/*.stderr "$co"/target/bench/*/cache.log; do
@@ -61,7 +61,7 @@ done
 grep -q 'TCP_TUNNEL/200' "$bench/squid/access.log" || { say "FAIL: squid's access log has no tunnel"; exit 1; }
 grep -q 'CONNECT' "$bench/tinyproxy/tinyproxy.log" || { say "FAIL: tinyproxy's log has no CONNECT"; exit 1; }
 say "squid ($(grep -c 'TCP_TUNNEL/200' "$bench/squid/access.log") tunnels) and tinyproxy ($(grep -c 'CONNECT' "$bench/tinyproxy/tinyproxy.log") CONNECT lines) logged as their own users"
-left=$(comm -13 <(echo "$before") <(ls -d /tmp/egress-bench-* 2>/dev/null | sort || true))
+left=$(comm -13 <(echo "$before") <(bench_dirs))
 [[ -z $left ]] || { say "FAIL: runtime folders left behind: $left"; exit 1; }
 
 if [[ ${PRIVATE_E2E:-1} == 1 ]]; then

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034,SC2154 # sets variables for, and reads $here from, its callers
 # Sourced by install.sh and run.sh (which set $here to tests/e2e): where the e2e's installed
 # tools live. Not in the checkout: the `postgres` user runs barman-cloud from the venv (backups,
 # archive_command), and a checkout may sit under a folder only its owner can enter (/root is

@@ -10,6 +10,7 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
+# shellcheck source=tests/e2e/cache.sh
 source "$here/cache.sh"
 say() { echo "e2e-install: $*" >&2; }
 

@@ -24,6 +24,7 @@ probe=egprobe-$$
 ip netns add "$probe" 2>/dev/null || skip "this kernel or sandbox refuses ip netns add"
 ip netns del "$probe"
 
+# shellcheck source=tests/e2e/cache.sh
 source "$here/cache.sh" # $venv, $azurite_dir: installed outside the checkout (why: there)
 azurite=$azurite_dir/node_modules/.bin/azurite-blob
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
