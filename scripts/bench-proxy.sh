@@ -45,7 +45,8 @@ built="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git dif
 # under target/: each such peer gets a fresh folder from mktemp -d in /tmp (which every user
 # can enter), owned by its user and removed when it stops or this script exits; its files are
 # copied to target/bench/NAME/ first, to be read after a run. Not keeping them from dropping:
-# Squid refuses to run as root, and a proxy serving as root is not what anyone deploys.
+# Squid will not stay root (with cache_effective_user root it exits at start), and a proxy
+# serving as root is not how anyone runs these.
 declare -A rundir=() # peer name -> its runtime folder while it runs
 peer_rundir() { # name user: makes the folder, sets $dir
   dir=$(mktemp -d "/tmp/egress-bench-$1.XXXXXX")

@@ -30,6 +30,8 @@ fi
 CARGO_TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 export CARGO_TARGET_DIR
 
+git rev-parse --is-inside-work-tree >/dev/null 2>&1 || { say "needs a git work tree (it copies the files git knows)"; exit 1; }
+
 top=$(mktemp -d /tmp/egress-private.XXXXXX)
 trap 'rm -rf "$top"' EXIT
 chmod 700 "$top"
