@@ -241,7 +241,9 @@ static_resources:
       cluster_name: account
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: $AZ_IP, port_value: 443}}}}]}]
 YAML
-  ip netns exec "$PRX" "$envoy" -c "$run/envoy.yaml" --concurrency 2 --log-level warn >>"$logs/envoy.log" 2>&1 &
+  # --disable-hot-restart: no hot-restart shared memory, which is named the same for every
+  # Envoy on the machine (/dev/shm/envoy_shared_memory_0) and was left behind after each run.
+  ip netns exec "$PRX" "$envoy" -c "$run/envoy.yaml" --concurrency 2 --log-level warn --disable-hot-restart >>"$logs/envoy.log" 2>&1 &
   envoy_pid=$!
   wait_tcp "$PRX" "$ENVOY_IP" 3128 300
 }
