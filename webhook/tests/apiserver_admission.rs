@@ -215,3 +215,241 @@ async fn opted_out_namespaces_and_kube_system_are_left_alone() {
     // The API server never even asked the webhook.
     assert_eq!(reviews().await, before);
 }
+
+/// The number of calls the API server made to webhook `name`, from its own metrics.
+async fn api_server_calls(server: &ApiServer, name: &str) -> f64 {
+    metric_sum(
+        &server.metrics().await.unwrap(),
+        "apiserver_admission_webhook_request_total",
+        &[&format!("name=\"{name}\"")],
+    )
+}
+
+fn env_value(container: &Value, name: &str) -> Option<String> {
+    container["env"]
+        .as_array()?
+        .iter()
+        .find(|e| e["name"] == name)
+        .and_then(|e| e["value"].as_str().map(str::to_string))
+}
+
+#[tokio::test]
+async fn a_container_added_by_a_later_webhook_is_injected_on_reinvocation() {
+    let Some(server) = ApiServer::shared() else {
+        return;
+    };
+    let owner = "reinvoke";
+    let ns = server.namespace(owner).await;
+    opted_in_namespace(server, &ns, owner).await;
+    let webhook = start_webhook(server, &config_fixture("catch-all"));
+    let sidecar = real::Sidecar::start().await;
+    register(server, &webhook_configuration(owner, &webhook)).await;
+    register(server, &sidecar.configuration(owner)).await;
+
+    let mut pod = fixture("bare-pod");
+    pod["metadata"].as_object_mut().unwrap().remove("namespace");
+    // Both configurations in force: the dry run shows the sidecar, injected.
+    until("both webhooks to be called", || async {
+        let probe = create_pod(server, &ns, &pod, true).await;
+        let containers = probe["spec"]["containers"].as_array().unwrap().clone();
+        (containers.len() == 2 && injected(&probe)).then_some(())
+    })
+    .await;
+
+    let egress_name = format!("{owner}.pods.egress-gate.io");
+    let calls_before = api_server_calls(server, &egress_name).await;
+    let sidecar_before = api_server_calls(server, &format!("{owner}.sidecar.test")).await;
+    let created = create_pod(server, &ns, &pod, false).await;
+    let containers = created["spec"]["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 2);
+    let proxy = env_value(&containers[0], "HTTPS_PROXY").unwrap();
+    assert_eq!(containers[1]["name"], "sidecar");
+    assert_eq!(
+        env_value(&containers[1], "HTTPS_PROXY").as_deref(),
+        Some(proxy.as_str()),
+        "the sidecar was not injected on reinvocation"
+    );
+    assert_eq!(
+        env_value(&containers[1], "NO_PROXY"),
+        env_value(&containers[0], "NO_PROXY")
+    );
+    let status: Value = serde_json::from_str(
+        created["metadata"]["annotations"]["egress-gate.io/status"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(status["containers"], json!(["main", "sidecar"]));
+    // egress-gate was called twice (first pass, reinvocation), the sidecar webhook once.
+    assert_eq!(
+        api_server_calls(server, &egress_name).await - calls_before,
+        2.0
+    );
+    assert_eq!(
+        api_server_calls(server, &format!("{owner}.sidecar.test")).await - sidecar_before,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn with_the_webhook_down_ignore_admits_unmutated_and_fail_refuses() {
+    let Some(server) = ApiServer::shared() else {
+        return;
+    };
+    let owner = "failure";
+    let ns = server.namespace(owner).await;
+    opted_in_namespace(server, &ns, owner).await;
+    let webhook = start_webhook(server, "discovery: false\n");
+    let mwc = webhook_configuration(owner, &webhook);
+    assert_eq!(
+        mwc.webhooks.as_ref().unwrap()[0].failure_policy.as_deref(),
+        Some("Ignore"),
+        "deploy/base ships failurePolicy: Ignore"
+    );
+    register(server, &mwc).await;
+    let mut pod = fixture("annotation-opt-in");
+    pod["metadata"].as_object_mut().unwrap().remove("namespace");
+    until("the webhook to inject", || async {
+        injected(&create_pod(server, &ns, &pod, true).await).then_some(())
+    })
+    .await;
+
+    // Stopped: nothing listens on its port any more.
+    drop(webhook);
+    let hook = format!("{owner}.pods.egress-gate.io");
+    let fail_open = || async {
+        metric_sum(
+            &server.metrics().await.unwrap(),
+            "apiserver_admission_webhook_fail_open_count",
+            &[&format!("name=\"{hook}\"")],
+        )
+    };
+    let before = fail_open().await;
+    let created = create_pod(server, &ns, &pod, false).await;
+    assert!(!injected(&created), "admitted, and not mutated");
+    assert_eq!(
+        mutable_parts(&created)["spec"]["containers"][0]["env"],
+        pod["spec"]["containers"][0]["env"]
+    );
+    assert_eq!(fail_open().await - before, 1.0);
+
+    // failurePolicy: Fail (docs/install.md's alternative): the pod is refused.
+    let api: Api<k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration> =
+        Api::all(server.client());
+    let patch: json_patch::Patch = serde_json::from_value(
+        json!([{"op": "replace", "path": "/webhooks/0/failurePolicy", "value": "Fail"}]),
+    )
+    .unwrap();
+    api.patch(
+        &format!("egress-gate-{owner}"),
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Json::<()>(patch),
+    )
+    .await
+    .unwrap();
+    let error = until("failurePolicy Fail to refuse pods", || async {
+        real::try_create_pod(server, &ns, &pod, true).await.err()
+    })
+    .await;
+    let message = error.to_string();
+    assert!(
+        message.contains(&format!("failed calling webhook \"{hook}\"")),
+        "{message}"
+    );
+    let refused = real::try_create_pod(server, &ns, &pod, false).await;
+    assert!(refused.is_err(), "created with the webhook down and Fail");
+}
+
+#[tokio::test]
+async fn the_api_server_speaks_http2_and_its_metrics_agree_with_the_webhooks() {
+    let Some(server) = ApiServer::shared() else {
+        return;
+    };
+    let owner = "metrics";
+    let ns = server.namespace(owner).await;
+    opted_in_namespace(server, &ns, owner).await;
+    let webhook = start_webhook(server, "discovery: false\n");
+    register(server, &webhook_configuration(owner, &webhook)).await;
+    let in_ns = |name: &str| {
+        let mut pod = fixture(name);
+        pod["metadata"].as_object_mut().unwrap().remove("namespace");
+        pod
+    };
+    until("the webhook to inject", || async {
+        injected(&create_pod(server, &ns, &in_ns("annotation-opt-in"), true).await).then_some(())
+    })
+    .await;
+    for name in [
+        "cnpg-full-recovery-job",
+        "velero-node-agent",
+        "plain-app",
+        "cnpg-pooler",
+    ] {
+        create_pod(server, &ns, &in_ns(name), false).await;
+    }
+
+    let ours = webhook.admin_get("/metrics").await.1;
+    let theirs = server.metrics().await.unwrap();
+    let hook = format!("name=\"{owner}.pods.egress-gate.io\"");
+    let reviews = metric_sum(&ours, "egress_webhook_reviews_total", &[]);
+    assert!(reviews >= 5.0, "{reviews}");
+    assert_eq!(
+        metric_sum(
+            &theirs,
+            "apiserver_admission_webhook_request_total",
+            &[&hook, "code=\"200\""]
+        ),
+        reviews
+    );
+    assert_eq!(
+        metric_sum(
+            &theirs,
+            "apiserver_admission_webhook_request_total",
+            &[&hook]
+        ),
+        reviews,
+        "calls that did not get a 200"
+    );
+    assert_eq!(
+        metric_sum(
+            &theirs,
+            "apiserver_admission_webhook_admission_duration_seconds_count",
+            &[&hook, "rejected=\"false\""]
+        ),
+        reviews
+    );
+    assert_eq!(
+        metric_sum(
+            &theirs,
+            "apiserver_admission_webhook_rejection_count",
+            &[&hook]
+        ),
+        0.0
+    );
+    // Patched vs unchanged: the two not-selected pods and nothing else came back unchanged.
+    assert_eq!(
+        metric_sum(
+            &ours,
+            "egress_webhook_reviews_total",
+            &["result=\"unchanged\""]
+        ),
+        2.0
+    );
+    // Every request came over HTTP/2.
+    assert_eq!(
+        metric_sum(
+            &ours,
+            "egress_webhook_requests_total",
+            &["protocol=\"HTTP/2.0\""]
+        ),
+        reviews
+    );
+    assert_eq!(
+        metric_sum(
+            &ours,
+            "egress_webhook_requests_total",
+            &["protocol=\"HTTP/1.1\""]
+        ),
+        0.0
+    );
+}

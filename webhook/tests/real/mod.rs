@@ -188,3 +188,118 @@ pub fn metric_sum(text: &str, metric: &str, labels: &[&str]) -> f64 {
         })
         .sum()
 }
+
+/// A second mutating webhook, as another product in the cluster would run: it adds a
+/// container named `sidecar` to every pod that has none. Served over TLS with HTTP/2 by
+/// hyper, in the test's runtime.
+pub struct Sidecar {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    /// The CA of its serving certificate, for the caBundle.
+    pub ca: crate::support::TestCa,
+    /// The accept loop; aborted on drop.
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Sidecar {
+    pub async fn start() -> Self {
+        use std::sync::Arc;
+
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let ca = crate::support::TestCa::new("sidecar test CA");
+        let (cert, key, _) = ca.serving();
+        let chain = CertificateDer::pem_slice_iter(cert.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let task = tokio::spawn(async move {
+            while let Ok((tcp, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    let service = hyper::service::service_fn(sidecar_review);
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+                });
+            }
+        });
+        Self { addr, ca, task }
+    }
+
+    /// Its webhook configuration: named to sort after `egress-gate-<owner>`, so the API
+    /// server calls egress-gate first and must reinvoke it for the added container.
+    pub fn configuration(&self, owner: &str) -> MutatingWebhookConfiguration {
+        serde_json::from_value(json!({
+            "metadata": {"name": format!("zz-sidecar-{owner}")},
+            "webhooks": [{
+                "name": format!("{owner}.sidecar.test"),
+                "admissionReviewVersions": ["v1"],
+                "sideEffects": "None",
+                "failurePolicy": "Fail",
+                "reinvocationPolicy": "Never",
+                "timeoutSeconds": 5,
+                "clientConfig": {
+                    "url": format!("https://{}/mutate", self.addr),
+                    "caBundle": base64_encode(self.ca.pem().as_bytes()),
+                },
+                "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"], "scope": "Namespaced"}],
+                "namespaceSelector": {"matchLabels": {OWNER_LABEL: owner}},
+            }],
+        }))
+        .unwrap()
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn sidecar_review(
+    request: hyper::Request<hyper::body::Incoming>,
+) -> Result<hyper::Response<http_body_util::Full<bytes::Bytes>>, std::convert::Infallible> {
+    use http_body_util::BodyExt;
+
+    let body = request.into_body().collect().await.unwrap().to_bytes();
+    let review: Value = serde_json::from_slice(&body).unwrap();
+    let request = &review["request"];
+    let has_sidecar = request["object"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["name"] == "sidecar");
+    let mut response = json!({"uid": request["uid"], "allowed": true});
+    if !has_sidecar {
+        let patch = json!([{"op": "add", "path": "/spec/containers/-",
+            "value": {"name": "sidecar", "image": "registry.example/sidecar:1"}}]);
+        response["patchType"] = json!("JSONPatch");
+        response["patch"] = json!(base64_encode(patch.to_string().as_bytes()));
+    }
+    let answer = json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response});
+    Ok(hyper::Response::builder()
+        .header("content-type", "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            answer.to_string(),
+        )))
+        .unwrap())
+}
