@@ -180,6 +180,10 @@ pub struct ApiServer {
     dir: PathBuf,
     /// Dropped first: the API server must stop before its etcd.
     apiserver: Supervised,
+    /// The kube-apiserver binary, for [`ApiServer::restart`].
+    exe: PathBuf,
+    /// Its flags, for [`ApiServer::restart`].
+    args: Vec<String>,
     /// Removes `dir` after it stops.
     etcd: Supervised,
 }
@@ -269,7 +273,8 @@ impl ApiServer {
             "--endpoint-reconciler-type=none".into(),
         ];
         args.extend(extra.iter().cloned());
-        let apiserver = Supervised::spawn(exe, &args, dir.join("kube-apiserver.log"), Some(&dir))?;
+        // The directory goes with etcd: a restarted API server keeps it.
+        let apiserver = Supervised::spawn(exe, &args, dir.join("kube-apiserver.log"), None)?;
 
         let url = format!("https://127.0.0.1:{secure_port}");
         let kubeconfig = dir.join("kubeconfig");
@@ -281,11 +286,30 @@ impl ApiServer {
             kubeconfig,
             dir,
             apiserver,
+            exe: exe.to_path_buf(),
+            args,
             etcd,
         };
         server.write_kubeconfig(&server.kubeconfig, &server.token)?;
         server.wait_ready()?;
         Ok(server)
+    }
+
+    /// Stops the API server and starts it again on the same port and etcd, as an upgrade
+    /// or a crash would: every open connection and watch is cut, the stored objects stay.
+    /// Returns once `/readyz` answers again.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        let log = self.dir.join("kube-apiserver.log");
+        let previous = std::fs::read(&log).unwrap_or_default();
+        // Waits for it to be gone, so the port is free.
+        self.apiserver.stop();
+        let earlier = self.dir.join("kube-apiserver.before-restart.log");
+        std::fs::write(&earlier, previous).map_err(|source| Error::Io {
+            path: earlier,
+            source,
+        })?;
+        self.apiserver = Supervised::spawn(&self.exe, &self.args, log, None)?;
+        self.wait_ready()
     }
 
     /// Polls `/readyz` from a thread with its own runtime (the caller may be inside one).
