@@ -141,9 +141,17 @@ impl Builder {
 
 /// Which variable, if any, makes the binary required.
 fn required() -> Option<String> {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
+    required_by(
+        std::env::var("CI").ok().as_deref(),
+        std::env::var(REQUIRE_ENV).ok().as_deref(),
+    )
+}
+
+/// [`required`] given the values of `CI` and `REQUIRE_KUBE_APISERVER`.
+fn required_by(ci: Option<&str>, require: Option<&str>) -> Option<String> {
+    if ci == Some("true") {
         Some("CI=true".into())
-    } else if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+    } else if require == Some("1") {
         Some(format!("{REQUIRE_ENV}=1"))
     } else {
         None
@@ -580,4 +588,29 @@ fn random_token() -> String {
     hash.update(std::process::id().to_le_bytes());
     hash.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     binary::hex(&hash.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ci_or_the_require_variable_turn_a_skip_into_an_error() {
+        assert_eq!(required_by(None, None), None);
+        assert_eq!(required_by(Some("false"), Some("0")), None);
+        assert_eq!(required_by(Some("true"), None).as_deref(), Some("CI=true"));
+        assert_eq!(
+            required_by(None, Some("1")).as_deref(),
+            Some("REQUIRE_KUBE_APISERVER=1")
+        );
+
+        assert!(matches!(skip_or_fail(None, "absent".into()), Ok(None)));
+        let error = skip_or_fail(Some("CI=true".into()), "x is not set".into()).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("CI=true") && message.contains("x is not set"),
+            "{message}"
+        );
+        assert!(message.contains(KUBE_APISERVER_ENV), "{message}");
+    }
 }
