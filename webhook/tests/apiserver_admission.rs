@@ -21,7 +21,8 @@ use real::{
 };
 use support::fixture;
 
-/// A golden case as `golden.rs` lists it: fixture pod, expected file, config file.
+/// A golden case as `golden.rs` lists it: the fixture pod and its expected file (the
+/// configuration is whatever the webhook runs with at that point of the test).
 struct Golden {
     pod: &'static str,
     expected: &'static str,

@@ -204,8 +204,8 @@ impl ApiServer {
 
     /// Starts a fresh etcd and kube-apiserver on free loopback ports and waits for
     /// `/readyz`. `Ok(None)` means skipped (the binary is absent and not required; one line
-    /// on stderr says so). Call it outside an async context or from any thread: it does
-    /// its waiting on a thread of its own.
+    /// on stderr says so). It blocks for the few seconds the servers take to start, doing
+    /// its waiting on a thread of its own, so it may be called from async code too.
     pub fn start() -> Result<Option<ApiServer>, Error> {
         Builder::default().start()
     }
