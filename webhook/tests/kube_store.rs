@@ -1,6 +1,6 @@
-//! [`KubeStore`] when the API server fails in a way a real one cannot be made to fail on
-//! demand: an internal error (HTTP 500). A stand-in on loopback answers every call with
-//! the `Status` body the API server writes for one.
+//! [`KubeStore`] when the API server fails in ways a real one cannot be made to fail on
+//! demand: an internal error (HTTP 500), and a response that never comes. A stand-in on
+//! loopback answers every call that way.
 //!
 //! Everything else the bootstrap does (create, read, replace, `Conflict`, `AlreadyExists`,
 //! `NotFound`, RBAC refusals, the caBundle patch and its field manager) is tested against
@@ -14,9 +14,18 @@ use axum::Router;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use egress_gate_certs::{BootstrapParams, CertPolicy, ServiceIdentity};
-use egress_webhook::bootstrap::{KubeStore, ensure};
+use egress_webhook::bootstrap::{KubeStore, ensure, ensure_within};
 use serde_json::json;
 use tokio::net::TcpListener;
+
+fn params() -> BootstrapParams {
+    BootstrapParams {
+        secret_name: "egress-webhook-tls".into(),
+        webhook_config_name: "egress-gate".into(),
+        identity: ServiceIdentity::new("egress-webhook", "egress-gate"),
+        policy: CertPolicy::default(),
+    }
+}
 
 /// Why a stand-in: a real API server answers 500 only when etcd or its own code breaks,
 /// which a test cannot arrange for one call.
@@ -44,13 +53,7 @@ async fn an_internal_error_is_reported_with_the_action_and_the_api_servers_messa
     let config = kube::Config::new(url.parse().unwrap());
     let client = kube::Client::try_from(config).unwrap();
 
-    let params = BootstrapParams {
-        secret_name: "egress-webhook-tls".into(),
-        webhook_config_name: "egress-gate".into(),
-        identity: ServiceIdentity::new("egress-webhook", "egress-gate"),
-        policy: CertPolicy::default(),
-    };
-    let error = ensure(&KubeStore::new(client, "egress-gate"), &params)
+    let error = ensure(&KubeStore::new(client, "egress-gate"), &params())
         .await
         .unwrap_err()
         .to_string();
@@ -63,5 +66,31 @@ async fn an_internal_error_is_reported_with_the_action_and_the_api_servers_messa
     assert_eq!(
         *seen.lock().unwrap(),
         ["GET /api/v1/namespaces/egress-gate/secrets/egress-webhook-tls"]
+    );
+}
+
+/// Why a stand-in: a real API server answers within its request timeout or says 504; a
+/// connection that stays open with no answer (a peer gone without a reset) cannot be
+/// arranged with one. The check gives up after its time limit, naming the wait, so the
+/// renewal loop retries instead of hanging for good.
+#[tokio::test]
+async fn a_check_that_gets_no_answer_gives_up_at_its_time_limit() {
+    let app = Router::new().fallback(std::future::pending::<StatusCode>);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+
+    let limit = std::time::Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let error = ensure_within(&KubeStore::new(client, "egress-gate"), &params(), limit)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(started.elapsed() >= limit);
+    assert!(started.elapsed() < limit * 10, "{:?}", started.elapsed());
+    assert_eq!(
+        error,
+        "checking Secret egress-gate/egress-webhook-tls: no answer from the API server within 300ms"
     );
 }
