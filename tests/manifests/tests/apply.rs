@@ -162,10 +162,7 @@ fn documented_order() -> Vec<String> {
 }
 
 fn relative(dir: &Path) -> String {
-    dir.strip_prefix(repo_root())
-        .unwrap()
-        .display()
-        .to_string()
+    dir.strip_prefix(repo_root()).unwrap().display().to_string()
 }
 
 fn kubectl_at(server: &ApiServer) -> Command {
@@ -191,7 +188,8 @@ fn text(output: &Output) -> String {
 fn install_crds(server: &ApiServer, dir: &Path, folders: &[String]) {
     for folder in folders {
         let mut cmd = kubectl_at(server);
-        cmd.args(["apply", "--server-side", "-f"]).arg(dir.join(folder));
+        cmd.args(["apply", "--server-side", "-f"])
+            .arg(dir.join(folder));
         let out = run(cmd);
         assert!(out.status.success(), "CRDs {folder}: {}", text(&out));
     }
@@ -255,7 +253,10 @@ fn docs_install_md_applies_every_kustomization() {
     );
     for documented in &order {
         assert!(
-            repo_root().join(documented).join("kustomization.yaml").exists(),
+            repo_root()
+                .join(documented)
+                .join("kustomization.yaml")
+                .exists(),
             "docs/install.md applies {documented}, which has no kustomization.yaml"
         );
     }
@@ -292,7 +293,11 @@ fn releases_below_the_minimums_refuse_loudly() {
         let mut cmd = kubectl_at(&server);
         cmd.args(["create", "namespace", namespace]);
         let out = run(cmd);
-        assert!(out.status.success(), "namespace {namespace}: {}", text(&out));
+        assert!(
+            out.status.success(),
+            "namespace {namespace}: {}",
+            text(&out)
+        );
     }
     for rejected in &below.rejected {
         let out = apply(&server, &rejected.kustomization);
