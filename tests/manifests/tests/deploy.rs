@@ -85,6 +85,7 @@ fn every_kustomization_renders_to_well_formed_unique_objects() {
         "deploy/netpol/cilium/in-cluster",
         "deploy/netpol/cilium/external-fqdn",
         "deploy/netpol/cilium/external-cidr",
+        "deploy/netpol/cilium/external-entra-arm",
         "deploy/netpol/cilium/aks",
         "deploy/netpol/kubernetes",
         "deploy/envoy-gateway",
@@ -950,6 +951,27 @@ fn external_fqdn_flavour_names_azure_blob_only() {
     assert!(
         fqdns.contains(&"*.privatelink.blob.core.windows.net"),
         "{fqdns:?}"
+    );
+}
+
+#[test]
+fn entra_and_arm_policy_names_exactly_two_hosts() {
+    let docs = rendered("deploy/netpol/cilium/external-entra-arm");
+    assert_eq!(docs.len(), 1);
+    let policy = &docs[0];
+    assert!(policy["metadata"]["annotations"]["egress-gate.io/approval"].is_string());
+    let rules = policy["spec"]["egress"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_dns_to_kube_dns(&rules[0]);
+    let hosts = json!([
+        {"matchName": "login.microsoftonline.com"},
+        {"matchName": "management.azure.com"}
+    ]);
+    assert_eq!(rules[0]["toPorts"][0]["rules"]["dns"], hosts);
+    assert_eq!(rules[1]["toFQDNs"], hosts);
+    assert_eq!(
+        rules[1]["toPorts"],
+        json!([{"ports": [{"port": "443", "protocol": "TCP"}]}])
     );
 }
 
