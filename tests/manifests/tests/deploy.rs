@@ -1062,3 +1062,77 @@ fn cert_manager_overlay_serves_mounted_files_with_less_rbac() {
     assert!(find(&docs, "Role", "egress-webhook").is_err());
     assert!(find(&docs, "RoleBinding", "egress-webhook").is_err());
 }
+
+/// The YAML blocks of a doc that start with a `# dir/file` comment, as (path, text).
+fn doc_files(doc: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_root().join(doc)).unwrap();
+    let mut files = Vec::new();
+    let mut block: Option<Vec<&str>> = None;
+    for line in text.lines() {
+        match (&mut block, line.trim_end()) {
+            (None, "```yaml") => block = Some(Vec::new()),
+            (Some(lines), "```") => {
+                let first = lines.first().and_then(|l| l.strip_prefix("# "));
+                if let Some(path) = first.filter(|p| p.contains('/') && !p.contains(' ')) {
+                    files.push((path.to_owned(), lines.join("\n") + "\n"));
+                }
+                block = None;
+            }
+            (Some(lines), _) => lines.push(line),
+            (None, _) => {}
+        }
+    }
+    files
+}
+
+#[test]
+fn aks_runbook_overlays_render_and_configure_as_written() {
+    let files = doc_files("docs/aks.md");
+    let names: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+    for expected in [
+        "my-cluster/kustomization.yaml",
+        "my-cluster/proxy.yaml",
+        "my-cluster/webhook.yaml",
+        "my-netpol/kustomization.yaml",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} not in docs/aks.md: {names:?}"
+        );
+    }
+    // The overlays sit beside a copy of deploy/, as the runbook's `../deploy/...` assumes.
+    let dir = std::env::temp_dir().join(format!("egress-gate-aks-doc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (path, text) in &files {
+        let file = dir.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+    std::os::unix::fs::symlink(repo_root().join("deploy"), dir.join("deploy")).unwrap();
+    let cluster = render(&dir.join("my-cluster"));
+    let netpol = render(&dir.join("my-netpol"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (cluster, netpol) = (cluster.unwrap(), netpol.unwrap());
+
+    // The webhook config the runbook writes loads, with the AKS API server name.
+    let webhook = config_map_file(&cluster, "egress-webhook-config", "webhook.yaml");
+    let config = egress_webhook::config::Config::from_yaml(&webhook).unwrap();
+    assert!(
+        config.api_server.iter().any(|a| a.ends_with(".azmk8s.io")),
+        "{:?}",
+        config.api_server
+    );
+    // The proxy config names an account, not all of Azure Blob, reachable only in the subnet.
+    let proxy = config_map_file(&cluster, "egress-proxy-config", "proxy.yaml");
+    let proxy: Value = serde_yaml_ng::from_str(&proxy).unwrap();
+    let rule = &proxy["allow"][0];
+    assert_eq!(rule["host"], "myaccount.blob.core.windows.net");
+    assert_eq!(rule["onlyCIDRs"], true);
+    // Policy 3 of the AKS flavour, patched as the runbook shows, names the same subnet.
+    let external = find(&netpol, "CiliumNetworkPolicy", "egress-proxy-to-azure-blob").unwrap();
+    assert_eq!(
+        external["spec"]["egress"][1]["toCIDRSet"][0]["cidr"],
+        rule["cidrs"][0]
+    );
+    assert_eq!(netpol.len(), 5, "the whole AKS flavour");
+}
