@@ -21,7 +21,8 @@ use real::{
 };
 use support::fixture;
 
-/// A golden case as `golden.rs` lists it: fixture pod, expected file, config file.
+/// A golden case as `golden.rs` lists it: the fixture pod and its expected file (the
+/// configuration is whatever the webhook runs with at that point of the test).
 struct Golden {
     pod: &'static str,
     expected: &'static str,
@@ -115,6 +116,36 @@ async fn delete_now(server: &ApiServer, ns: &str, name: &str) {
     api.delete(name, &DeleteParams::default().grace_period(0))
         .await
         .unwrap();
+}
+
+/// The golden cases checked below, beyond [`DEFAULT_CASES`].
+const LATER_CASES: [&str; 4] = [
+    "cnpg-instance-http-proxy",
+    "bare-pod",
+    "cnpg-instance",
+    "plain-app",
+];
+
+#[test]
+fn every_golden_file_is_checked_through_the_api_server() {
+    let mut checked: Vec<&str> = DEFAULT_CASES.iter().map(|c| c.expected).collect();
+    checked.extend(LATER_CASES);
+    checked.sort_unstable();
+    let mut files: Vec<String> = std::fs::read_dir(fixtures_dir().join("expected"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".json")
+                .to_string()
+        })
+        .collect();
+    files.sort_unstable();
+    assert_eq!(
+        checked, files,
+        "a golden case added to golden.rs needs a place here too"
+    );
 }
 
 #[tokio::test]

@@ -569,8 +569,9 @@ fn invalid_config_stops_serve_with_exit_64_naming_the_key() {
 }
 
 /// A body over the limit on each protocol, as the API server (HTTP/2) and older clients
-/// (HTTP/1.1) send it: the client reads 413 (over HTTP/2 it used to see only a stream
-/// reset), and the same connection carries the next review.
+/// (HTTP/1.1) send it, with hyper's client: 413 with the webhook's message, and the same
+/// connection carries the next review. (curl, which used to see no status over HTTP/2, is
+/// the next test.)
 #[tokio::test]
 async fn an_oversized_review_gets_413_and_the_connection_goes_on_over_both_protocols() {
     let webhook = Webhook::start(None);
@@ -631,4 +632,69 @@ async fn a_body_declared_past_the_drain_bound_gets_413_at_once_and_a_closed_conn
     let answer = String::from_utf8_lossy(&answer).to_lowercase();
     assert!(answer.starts_with("http/1.1 413 "), "{answer}");
     assert!(answer.contains("connection: close"), "{answer}");
+}
+
+/// The report this came from: `curl --http2` with a 4 MiB body saw "Stream error in the
+/// HTTP/2 framing layer" and no status (hyper's client copes with a response sent before
+/// the upload ends; curl does not). Over both protocols curl must read the 413 and send
+/// the next review on the same connection (`num_connects` 0).
+#[tokio::test]
+async fn curl_reads_the_413_and_reuses_the_connection_over_both_protocols() {
+    let webhook = Webhook::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.crt");
+    std::fs::write(&ca, webhook.ca.pem()).unwrap();
+    let mut big = fixture("plain-app");
+    big["metadata"]["annotations"] = json!({"blob": "x".repeat(4 * 1024 * 1024)});
+    let big_file = dir.path().join("big.json");
+    std::fs::write(&big_file, review_body("big", "db", &big, false)).unwrap();
+    let small_file = dir.path().join("small.json");
+    std::fs::write(
+        &small_file,
+        review_body("next", "db", &fixture("plain-app"), false),
+    )
+    .unwrap();
+
+    let port = webhook.addr.port();
+    let url = format!("https://{SERVICE_NAME}:{port}/mutate?timeout=5s");
+    let resolve = format!("{SERVICE_NAME}:{port}:127.0.0.1");
+    for (protocol, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
+        let request = |file: &std::path::Path| {
+            vec![
+                protocol.to_string(),
+                "-sS".into(),
+                "--cacert".into(),
+                ca.display().to_string(),
+                "--resolve".into(),
+                resolve.clone(),
+                "-H".into(),
+                "content-type: application/json".into(),
+                "--data-binary".into(),
+                format!("@{}", file.display()),
+                "-o".into(),
+                "/dev/null".into(),
+                "-w".into(),
+                "%{http_code} %{num_connects} %{http_version}\\n".into(),
+                url.clone(),
+            ]
+        };
+        let mut args = request(&big_file);
+        args.push("--next".into());
+        args.extend(request(&small_file));
+        let out = std::process::Command::new("curl")
+            .args(&args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "curl {protocol}: {}\n{stdout}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            stdout,
+            format!("413 1 {version}\n200 0 {version}\n"),
+            "curl {protocol}: status, new connections, HTTP version per request"
+        );
+    }
 }

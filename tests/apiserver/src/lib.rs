@@ -49,16 +49,13 @@ const START_ATTEMPTS: u32 = 3;
 /// What can go wrong starting the servers.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The binary is absent while `CI=true` or `REQUIRE_KUBE_APISERVER=1` demands it.
-    #[error(
-        "the real-API-server tests are required here ({why}) but cannot run: {detail}; \
-         set {KUBE_APISERVER_ENV} to a kube-apiserver binary (or .xz), or put \
-         kube-apiserver.xz in ../shared/bin beside the checkout"
-    )]
+    /// The binary or etcd is absent while `CI=true` or `REQUIRE_KUBE_APISERVER=1` demands
+    /// them.
+    #[error("the real-API-server tests are required here ({why}) but cannot run: {detail}")]
     Required {
         /// Which variable made it required.
         why: String,
-        /// What was looked for.
+        /// What is missing, and how to provide it.
         detail: String,
     },
     /// The binary exists but cannot be used (bad path, failed decompression, bad hash).
@@ -116,7 +113,12 @@ impl Builder {
         let required = required();
         let exe = match binary::locate()? {
             binary::Source::Found { path, bundled } => binary::executable(&path, bundled)?,
-            binary::Source::Absent(detail) => return skip_or_fail(required, detail),
+            binary::Source::Absent(detail) => {
+                let hint = format!(
+                    "{detail}; set {KUBE_APISERVER_ENV} to a kube-apiserver binary (or .xz of one)"
+                );
+                return skip_or_fail(required, hint);
+            }
         };
         let Some(etcd) = binary::etcd() else {
             return skip_or_fail(
@@ -141,9 +143,17 @@ impl Builder {
 
 /// Which variable, if any, makes the binary required.
 fn required() -> Option<String> {
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
+    required_by(
+        std::env::var("CI").ok().as_deref(),
+        std::env::var(REQUIRE_ENV).ok().as_deref(),
+    )
+}
+
+/// [`required`] given the values of `CI` and `REQUIRE_KUBE_APISERVER`.
+fn required_by(ci: Option<&str>, require: Option<&str>) -> Option<String> {
+    if ci == Some("true") {
         Some("CI=true".into())
-    } else if std::env::var(REQUIRE_ENV).is_ok_and(|v| v == "1") {
+    } else if require == Some("1") {
         Some(format!("{REQUIRE_ENV}=1"))
     } else {
         None
@@ -157,8 +167,7 @@ fn skip_or_fail(required: Option<String>, detail: String) -> Result<Option<ApiSe
     }
     let _ = writeln!(
         std::io::stderr(),
-        "SKIPPED real-API-server tests: {detail}; set {KUBE_APISERVER_ENV} to a kube-apiserver \
-         binary (or .xz) to run them ({REQUIRE_ENV}=1 or CI=true makes this an error)"
+        "SKIPPED real-API-server tests: {detail} ({REQUIRE_ENV}=1 or CI=true makes this an error)"
     );
     Ok(None)
 }
@@ -180,6 +189,10 @@ pub struct ApiServer {
     dir: PathBuf,
     /// Dropped first: the API server must stop before its etcd.
     apiserver: Supervised,
+    /// The kube-apiserver binary, for [`ApiServer::restart`].
+    exe: PathBuf,
+    /// Its flags, for [`ApiServer::restart`].
+    args: Vec<String>,
     /// Removes `dir` after it stops.
     etcd: Supervised,
 }
@@ -192,8 +205,8 @@ impl ApiServer {
 
     /// Starts a fresh etcd and kube-apiserver on free loopback ports and waits for
     /// `/readyz`. `Ok(None)` means skipped (the binary is absent and not required; one line
-    /// on stderr says so). Call it outside an async context or from any thread: it does
-    /// its waiting on a thread of its own.
+    /// on stderr says so). It blocks for the few seconds the servers take to start, doing
+    /// its waiting on a thread of its own, so it may be called from async code too.
     pub fn start() -> Result<Option<ApiServer>, Error> {
         Builder::default().start()
     }
@@ -269,7 +282,8 @@ impl ApiServer {
             "--endpoint-reconciler-type=none".into(),
         ];
         args.extend(extra.iter().cloned());
-        let apiserver = Supervised::spawn(exe, &args, dir.join("kube-apiserver.log"), Some(&dir))?;
+        // The directory goes with etcd: a restarted API server keeps it.
+        let apiserver = Supervised::spawn(exe, &args, dir.join("kube-apiserver.log"), None)?;
 
         let url = format!("https://127.0.0.1:{secure_port}");
         let kubeconfig = dir.join("kubeconfig");
@@ -281,11 +295,30 @@ impl ApiServer {
             kubeconfig,
             dir,
             apiserver,
+            exe: exe.to_path_buf(),
+            args,
             etcd,
         };
         server.write_kubeconfig(&server.kubeconfig, &server.token)?;
         server.wait_ready()?;
         Ok(server)
+    }
+
+    /// Stops the API server and starts it again on the same port and etcd, as an upgrade
+    /// or a crash would: every open connection and watch is cut, the stored objects stay.
+    /// Returns once `/readyz` answers again.
+    pub fn restart(&mut self) -> Result<(), Error> {
+        let log = self.dir.join("kube-apiserver.log");
+        let previous = std::fs::read(&log).unwrap_or_default();
+        // Waits for it to be gone, so the port is free.
+        self.apiserver.stop();
+        let earlier = self.dir.join("kube-apiserver.before-restart.log");
+        std::fs::write(&earlier, previous).map_err(|source| Error::Io {
+            path: earlier,
+            source,
+        })?;
+        self.apiserver = Supervised::spawn(&self.exe, &self.args, log, None)?;
+        self.wait_ready()
     }
 
     /// Polls `/readyz` from a thread with its own runtime (the caller may be inside one).
@@ -556,4 +589,28 @@ fn random_token() -> String {
     hash.update(std::process::id().to_le_bytes());
     hash.update(COUNTER.fetch_add(1, Ordering::Relaxed).to_le_bytes());
     binary::hex(&hash.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ci_or_the_require_variable_turn_a_skip_into_an_error() {
+        assert_eq!(required_by(None, None), None);
+        assert_eq!(required_by(Some("false"), Some("0")), None);
+        assert_eq!(required_by(Some("true"), None).as_deref(), Some("CI=true"));
+        assert_eq!(
+            required_by(None, Some("1")).as_deref(),
+            Some("REQUIRE_KUBE_APISERVER=1")
+        );
+
+        assert!(matches!(skip_or_fail(None, "absent".into()), Ok(None)));
+        let error = skip_or_fail(Some("CI=true".into()), "x is not set".into()).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("(CI=true)") && message.ends_with("x is not set"),
+            "{message}"
+        );
+    }
 }

@@ -127,13 +127,17 @@ impl Supervised {
     pub(crate) fn log_path(&self) -> &Path {
         &self.log
     }
+
+    /// Stops the server: closing the pipe tells the watchdog to kill it and clean up;
+    /// waiting for the watchdog means the port (and the directory) are free on return.
+    pub(crate) fn stop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.watchdog.wait();
+    }
 }
 
 impl Drop for Supervised {
     fn drop(&mut self) {
-        // Closing the pipe tells the watchdog to kill the server and clean up; waiting for
-        // it means the port and the directory are free once drop returns.
-        drop(self.stdin.take());
-        let _ = self.watchdog.wait();
+        self.stop();
     }
 }

@@ -126,3 +126,44 @@ async fn a_dedicated_server_takes_extra_flags_and_cleans_up_on_drop() {
         "port {port} still bound"
     );
 }
+
+#[tokio::test]
+async fn a_restart_keeps_the_objects_and_watches_resume() {
+    use futures_util::StreamExt as _;
+    use kube::runtime::watcher;
+
+    let Some(mut server) = ApiServer::builder().start().unwrap() else {
+        return;
+    };
+    let maps: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    let mut cm = ConfigMap::default();
+    cm.metadata.name = Some("kept".into());
+    maps.create(&PostParams::default(), &cm).await.unwrap();
+    let mut events = Box::pin(watcher::watcher(maps.clone(), watcher::Config::default()));
+    // The initial list, through to its end.
+    while !matches!(events.next().await, Some(Ok(watcher::Event::InitDone))) {}
+
+    // Restart from a blocking thread: the runtime must keep polling the watch meanwhile.
+    let server = tokio::task::spawn_blocking(move || {
+        server.restart().unwrap();
+        server
+    })
+    .await
+    .unwrap();
+    let maps: Api<ConfigMap> = Api::namespaced(server.client(), "default");
+    assert!(maps.get_opt("kept").await.unwrap().is_some());
+    // The watch was cut with the old process; the watcher resumes and sees what follows.
+    cm.metadata.name = Some("after".into());
+    maps.create(&PostParams::default(), &cm).await.unwrap();
+    let seen = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(Ok(watcher::Event::Apply(cm))) = events.next().await
+                && cm.metadata.name.as_deref() == Some("after")
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the watcher did not resume after the restart");
+}
