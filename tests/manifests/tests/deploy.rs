@@ -1124,6 +1124,13 @@ fn aks_runbook_overlays_render_and_configure_as_written() {
     );
     // The proxy config names an account, not all of Azure Blob, reachable only in the subnet.
     let proxy = config_map_file(&cluster, "egress-proxy-config", "proxy.yaml");
+    // The real loader takes it (onlyCIDRs with its cidrs, the rule's fields spelled right).
+    let loaded = egress_proxy::Config::parse(&proxy, "docs/aks.md my-cluster/proxy.yaml").unwrap();
+    assert!(
+        loaded.allow.iter().all(|r| r.only_cidrs),
+        "{:?}",
+        loaded.allow
+    );
     let proxy: Value = serde_yaml_ng::from_str(&proxy).unwrap();
     let rule = &proxy["allow"][0];
     assert_eq!(rule["host"], "myaccount.blob.core.windows.net");
