@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod server;
 pub mod tls;
 pub mod watch;
+mod yaml_location;
