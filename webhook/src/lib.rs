@@ -15,6 +15,7 @@ pub mod discovery;
 pub mod engine;
 pub mod manifest;
 pub mod metrics;
+pub mod preview;
 pub mod server;
 pub mod tls;
 pub mod watch;
