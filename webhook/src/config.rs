@@ -688,12 +688,22 @@ profiles:
         let text = "clusterDomain: cluster.local\nprofiles:\n  - name: cnpg\n  - name: mine\npodCIDRs: [10.0.0.0/8]\n";
         let e = Config::parse(text, "webhook.yaml").unwrap_err();
         assert_eq!(e.line(), Some(4), "{e}");
-        assert!(e.to_string().starts_with("webhook.yaml:4: profiles[1].selector: "), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("webhook.yaml:4: profiles[1].selector: "),
+            "{e}"
+        );
         let e = Config::parse("clusterDomain: a\nproxyUrl: x\n", "w.yaml").unwrap_err();
         assert_eq!(e.line(), Some(2), "{e}");
-        assert!(e.to_string().starts_with("w.yaml:2: ") && e.to_string().contains("proxyUrl"), "{e}");
-        let e = Config::parse("profiles:\n  - name: x\n    selector: {matchLabels: 3}\n", "w.yaml")
-            .unwrap_err();
+        assert!(
+            e.to_string().starts_with("w.yaml:2: ") && e.to_string().contains("proxyUrl"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "profiles:\n  - name: x\n    selector: {matchLabels: 3}\n",
+            "w.yaml",
+        )
+        .unwrap_err();
         assert_eq!(e.key(), Some("profiles[0].selector.matchLabels"), "{e}");
         assert_eq!(e.line(), Some(3), "{e}");
     }

@@ -63,7 +63,12 @@ enum Command {
         #[arg(long, value_name = "CFG")]
         config: Option<PathBuf>,
         /// The webhook's own namespace, where a default proxyURL finds the bundled proxy.
-        #[arg(short = 'n', long, env = "POD_NAMESPACE", default_value = "egress-gate")]
+        #[arg(
+            short = 'n',
+            long,
+            env = "POD_NAMESPACE",
+            default_value = "egress-gate"
+        )]
         namespace: String,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
@@ -78,7 +83,12 @@ enum Command {
 #[derive(clap::Args)]
 struct InjectArgs {
     /// Manifest file or directory, or `-` for standard input (repeatable).
-    #[arg(short = 'f', long = "filename", value_name = "FILE|DIR|-", required = true)]
+    #[arg(
+        short = 'f',
+        long = "filename",
+        value_name = "FILE|DIR|-",
+        required = true
+    )]
     files: Vec<PathBuf>,
     /// Read directories given with -f recursively.
     #[arg(short = 'R', long)]
@@ -380,12 +390,10 @@ fn load_config(path: Option<&PathBuf>, namespace: &str) -> Result<Config, ExitCo
         Some(path) => Config::load(path),
         None => Ok(Config::default()),
     };
-    result
-        .and_then(|c| c.in_namespace(namespace))
-        .map_err(|e| {
-            eprintln!("egress-webhook: {e}");
-            ExitCode::from(EXIT_BAD_CONFIG)
-        })
+    result.and_then(|c| c.in_namespace(namespace)).map_err(|e| {
+        eprintln!("egress-webhook: {e}");
+        ExitCode::from(EXIT_BAD_CONFIG)
+    })
 }
 
 fn inject(args: InjectArgs) -> ExitCode {
@@ -432,7 +440,11 @@ fn inject(args: InjectArgs) -> ExitCode {
         let names: Vec<_> = inputs.iter().map(|i| i.name.as_str()).collect();
         eprintln!(
             "egress-webhook: no Kubernetes object in {} (a manifest needs apiVersion and kind)",
-            if names.is_empty() { "the input (no manifest files found)".to_string() } else { names.join(", ") }
+            if names.is_empty() {
+                "the input (no manifest files found)".to_string()
+            } else {
+                names.join(", ")
+            }
         );
         return ExitCode::from(EXIT_BAD_INPUT);
     }

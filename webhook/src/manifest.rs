@@ -61,7 +61,9 @@ pub enum ManifestError {
     },
     /// A kind that differs from a workload kind only in case: the API server would reject
     /// it, and passing it through would hide a pod from the preview.
-    #[error("{document}: kind {kind:?} does not exist (kinds are case-sensitive): did you mean {meant}?")]
+    #[error(
+        "{document}: kind {kind:?} does not exist (kinds are case-sensitive): did you mean {meant}?"
+    )]
     KindCase {
         /// Which document.
         document: DocRef,
@@ -228,7 +230,13 @@ pub fn inject_stream(
         namespace: namespace.map(str::to_string),
         excluded_namespaces: Vec::new(),
     };
-    Ok(preview(injector, parse_source("", text)?, &options, &BTreeMap::new())?.objects)
+    Ok(preview(
+        injector,
+        parse_source("", text)?,
+        &options,
+        &BTreeMap::new(),
+    )?
+    .objects)
 }
 
 /// Previews what the webhook does to every object of `documents`. `cluster_services` are
@@ -337,7 +345,11 @@ fn services_by_namespace(
 
 /// Labels the pods an operator creates from its resources carry, to ask the configured
 /// profiles whether they would select those pods.
-fn pods_made_by(api_group: &str, kind: &str, name: &str) -> Option<(&'static str, BTreeMap<String, String>)> {
+fn pods_made_by(
+    api_group: &str,
+    kind: &str,
+    name: &str,
+) -> Option<(&'static str, BTreeMap<String, String>)> {
     let labels = |pairs: &[(&str, &str)]| {
         pairs
             .iter()
@@ -359,7 +371,10 @@ fn pods_made_by(api_group: &str, kind: &str, name: &str) -> Option<(&'static str
         )),
         ("velero.io", _) => Some((
             "the Velero pods that act on it",
-            labels(&[("component", "velero"), ("app.kubernetes.io/name", "velero")]),
+            labels(&[
+                ("component", "velero"),
+                ("app.kubernetes.io/name", "velero"),
+            ]),
         )),
         _ => None,
     }
@@ -368,10 +383,15 @@ fn pods_made_by(api_group: &str, kind: &str, name: &str) -> Option<(&'static str
 /// Why an object without pods needs nothing, in the user's terms.
 fn pass_reason(injector: &Injector, object: &Value, kind: &str, namespace: &str) -> String {
     let api_version = str_at(object, "/apiVersion").unwrap_or_default();
-    let api_group = api_version.split_once('/').map(|(g, _)| g).unwrap_or_default();
+    let api_group = api_version
+        .split_once('/')
+        .map(|(g, _)| g)
+        .unwrap_or_default();
     let name = str_at(object, "/metadata/name").unwrap_or_default();
     if kind == "Service" && api_group.is_empty() {
-        return format!("not a pod; a peer service of the pods in namespace {namespace} (in their NO_PROXY)");
+        return format!(
+            "not a pod; a peer service of the pods in namespace {namespace} (in their NO_PROXY)"
+        );
     }
     if let Some((who, labels)) = pods_made_by(api_group, kind, name) {
         let profile = injector
@@ -385,7 +405,8 @@ fn pass_reason(injector: &Injector, object: &Value, kind: &str, namespace: &str)
         };
     }
     if api_group == "postgresql.cnpg.io" && kind == "Pooler" {
-        return "not a pod; CNPG's pooler pods do not reach object storage and are not selected".into();
+        return "not a pod; CNPG's pooler pods do not reach object storage and are not selected"
+            .into();
     }
     "not a pod and holds no pod template".into()
 }
