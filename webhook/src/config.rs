@@ -258,7 +258,7 @@ impl Config {
         Self::from_file(file.unwrap_or_default()).map_err(|e| match e {
             ConfigError::Invalid { key, message, .. } => ConfigError::Invalid {
                 origin: origin.to_string(),
-                line: crate::yaml_location::line_of(text, &key),
+                line: yaml_location::line_of(text, &key),
                 key,
                 message,
             },

@@ -19,4 +19,3 @@ pub mod preview;
 pub mod server;
 pub mod tls;
 pub mod watch;
-mod yaml_location;

@@ -4,6 +4,7 @@
 //! The YAML parser records where each node starts and attaches that position to an error
 //! raised while the node is being read. Walking the document with a visitor that raises an
 //! error at the node the path names gives that node's line without a second YAML parser.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 
@@ -148,6 +149,7 @@ impl Visitor<'_> for Here {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     const TEXT: &str = "\
