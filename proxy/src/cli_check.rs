@@ -35,7 +35,8 @@ pub fn check_config(config: &Config) -> ExitCode {
     if let Some(tls) = &config.tls {
         let _ = writeln!(out, "tls.listen: {}", tls.listen);
     }
-    let _ = writeln!(out, "allow: {} rules", config.allow.len());
+    let n = config.allow.len();
+    let _ = writeln!(out, "allow: {n} rule{}", if n == 1 { "" } else { "s" });
     for (i, rule) in config.allow.iter().enumerate() {
         let _ = writeln!(out, "  allow[{i}]: {}", describe(rule));
     }

@@ -56,8 +56,9 @@ pub enum ManifestError {
         kind: String,
         /// The object's name.
         name: String,
-        /// The offending field (relative to the pod or template).
-        source: PodShapeError,
+        /// The offending field (relative to the pod or template), boxed to keep the error
+        /// small on the happy path's `Result`.
+        source: Box<PodShapeError>,
     },
     /// A kind that differs from a workload kind only in case: the API server would reject
     /// it, and passing it through would hide a pod from the preview.
@@ -462,7 +463,7 @@ fn inject_object(
         document: document.clone(),
         kind: kind.clone(),
         name: display_name.clone(),
-        source,
+        source: Box::new(source),
     };
     let template = object.pointer(template_at).ok_or_else(|| {
         shape_error(PodShapeError {
