@@ -6,6 +6,8 @@ set -euo pipefail
 declare -A wanted=(
   [curl]=curl
   [python3]=python3 # proxy tests: http.client sends the HTTP/1.0 CONNECT barman-cloud sends
+  [etcd]=etcd-server # the real kube-apiserver the tests start (tests/apiserver) stores in etcd
+  [xz]=xz-utils      # the kube-apiserver binary beside the project is xz-compressed
 )
 
 missing=()

@@ -1,4 +1,10 @@
 //! `ensure_certificates` against an in-memory cluster, including two replicas racing.
+//!
+//! Why in memory and not the real kube-apiserver (`egress_gate_apiserver`): these tests
+//! force interleavings a real server cannot be made to produce on demand (every replica
+//! reading the same stale Secret before any writes, a read failing mid-flow) and count
+//! writes exactly. The same flows against the real API server, through `KubeStore` with
+//! deploy/base's RBAC, are in `webhook/tests/apiserver_bootstrap.rs`.
 // Helpers here are test code too: a panic in them is a failed test (see clippy.toml).
 #![allow(clippy::unwrap_used)]
 

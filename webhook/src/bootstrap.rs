@@ -24,6 +24,11 @@ const FIELD_MANAGER: &str = "egress-webhook";
 pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(3600);
 /// Wait before retrying after a failed check (API server unreachable, RBAC missing).
 pub const RETRY_INTERVAL: Duration = Duration::from_secs(30);
+/// Longest one check may wait for the API server. kube-rs sets no read timeout, so without
+/// this a connection that died silently would hold the check, and with it every later
+/// renewal, forever. Above the API server's own request timeout (60 s by default), so a slow
+/// but working server is never cut short.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// [`ClusterStore`] over kube-rs: Secrets in the webhook's namespace and the cluster-scoped
 /// webhook configuration.
@@ -174,13 +179,37 @@ impl ClusterStore for KubeStore {
     }
 }
 
-/// One check: ensure the certificates at the current time.
+/// One check: ensure the certificates at the current time, within [`CHECK_TIMEOUT`].
 pub async fn ensure(
     store: &KubeStore,
     params: &BootstrapParams,
 ) -> Result<ServingMaterial, BootstrapError> {
-    ensure_certificates(store, params, SystemTime::now()).await
+    ensure_within(store, params, CHECK_TIMEOUT).await
 }
+
+/// [`ensure`] with another time limit.
+pub async fn ensure_within(
+    store: &KubeStore,
+    params: &BootstrapParams,
+    limit: Duration,
+) -> Result<ServingMaterial, BootstrapError> {
+    let check = ensure_certificates(store, params, SystemTime::now());
+    match tokio::time::timeout(limit, check).await {
+        Ok(result) => result,
+        Err(_) => Err(BootstrapError::Store {
+            action: format!(
+                "checking Secret {}/{}",
+                params.identity.namespace, params.secret_name
+            ),
+            source: StoreError::Other(Box::new(Stalled(limit))),
+        }),
+    }
+}
+
+/// The API server did not finish answering in time.
+#[derive(Debug, thiserror::Error)]
+#[error("no answer from the API server within {0:?}")]
+struct Stalled(Duration);
 
 /// How long to wait before the next check after `material`.
 pub fn next_wait(material: &ServingMaterial, now: SystemTime) -> Duration {

@@ -24,6 +24,14 @@ pub struct ResultLabel {
     pub result: String,
 }
 
+/// Labels of the requests counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    /// The HTTP version of the request: `HTTP/2.0` (what the API server speaks when the
+    /// webhook offers it) or `HTTP/1.1`.
+    pub protocol: String,
+}
+
 /// Labels of the discovery cache gauge.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabel {
@@ -36,6 +44,9 @@ pub struct CacheLabel {
 pub struct Metrics {
     /// The registry the admin port encodes.
     pub registry: Registry,
+    /// Requests to the admission endpoint, by HTTP version (including those refused
+    /// before a review, such as bodies over the limit).
+    pub requests: Family<ProtocolLabel, Counter>,
     /// Reviews answered, by result and profile.
     pub reviews: Family<ReviewLabels, Counter>,
     /// Patch operations returned, summed over reviews.
@@ -62,6 +73,12 @@ const LATENCY_BUCKETS: u16 = 14;
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("egress_webhook");
+        let requests = Family::<ProtocolLabel, Counter>::default();
+        registry.register(
+            "requests",
+            "Requests to the admission endpoint, by HTTP version",
+            requests.clone(),
+        );
         let reviews = Family::<ReviewLabels, Counter>::default();
         registry.register(
             "reviews",
@@ -111,6 +128,7 @@ impl Default for Metrics {
         );
         Self {
             registry,
+            requests,
             reviews,
             patch_operations,
             review_duration,

@@ -17,11 +17,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Version, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
@@ -37,13 +38,19 @@ use crate::bootstrap;
 use crate::config::{Config, ConfigError};
 use crate::discovery::{self, Discovered};
 use crate::engine::Injector;
-use crate::metrics::{Metrics, ReviewLabels};
+use crate::metrics::{Metrics, ProtocolLabel, ReviewLabels};
 use crate::tls::{self, CertStore};
 use crate::watch::FileWatch;
 
 /// Largest AdmissionReview body accepted; larger gets 413. Pods are far smaller; the API
 /// server's own request limit is 3 MiB.
 pub const MAX_BODY_BYTES: usize = 3 * 1024 * 1024;
+/// Most bytes of an oversized body read and thrown away before answering 413. Answering
+/// before the client has sent everything makes an HTTP/2 client see the stream reset
+/// instead of the status, and leaves an HTTP/1.1 connection unusable; draining lets both
+/// read the 413 and go on with the next review. Past this, the connection is not worth
+/// keeping: the answer is sent at once and the connection (HTTP/1.1) or stream closed.
+pub const MAX_DRAIN_BYTES: usize = 16 * 1024 * 1024;
 /// Most TLS connections served at once. The API server keeps a handful; the bound keeps a
 /// misbehaving client from exhausting file descriptors.
 pub const MAX_CONNECTIONS: usize = 1024;
@@ -419,7 +426,7 @@ fn reload_tls(options: &ServeOptions, certs: &CertStore, metrics: &Metrics) {
 }
 
 /// The admission endpoint: `POST /mutate` (any query, such as `?timeout=5s`), bodies up to
-/// [`MAX_BODY_BYTES`].
+/// [`MAX_BODY_BYTES`]; larger ones get 413 (see [`MAX_DRAIN_BYTES`]).
 pub fn admission_router(
     injector: watch::Receiver<Arc<Injector>>,
     services: Arc<dyn ServiceDirectory>,
@@ -432,11 +439,108 @@ pub fn admission_router(
     });
     Router::new()
         .route("/mutate", post(mutate))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        // The handler bounds the body itself (`read_body`): the default limit would answer
+        // 413 before the body is read, which HTTP/2 clients never see.
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
-async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+/// A request body read with a bound.
+enum BodyRead {
+    /// The whole body, at most [`MAX_BODY_BYTES`].
+    Complete(Bytes),
+    /// Larger than [`MAX_BODY_BYTES`]; `drained` when it was read to the end (at most
+    /// [`MAX_DRAIN_BYTES`]), so the connection can carry the next request.
+    TooLarge {
+        /// Whether the client's whole body was consumed.
+        drained: bool,
+    },
+    /// The client broke off or sent a malformed body.
+    Failed(String),
+}
+
+/// Reads `body`, keeping at most [`MAX_BODY_BYTES`] and discarding up to
+/// [`MAX_DRAIN_BYTES`] of an oversized one.
+async fn read_body(headers: &HeaderMap, body: Body) -> BodyRead {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_DRAIN_BYTES as u64) {
+        return BodyRead::TooLarge { drained: false };
+    }
+    let mut kept = Vec::new();
+    let mut total = 0usize;
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(chunk) => chunk,
+            Err(e) => return BodyRead::Failed(e.to_string()),
+        };
+        total = total.saturating_add(chunk.len());
+        if total > MAX_DRAIN_BYTES {
+            return BodyRead::TooLarge { drained: false };
+        }
+        if total <= MAX_BODY_BYTES {
+            kept.extend_from_slice(&chunk);
+        } else if !kept.is_empty() {
+            // Over the limit: what was kept is of no use any more.
+            kept = Vec::new();
+        }
+    }
+    if total > MAX_BODY_BYTES {
+        BodyRead::TooLarge { drained: true }
+    } else {
+        BodyRead::Complete(Bytes::from(kept))
+    }
+}
+
+/// The 413 answer; `Connection: close` on HTTP/1.1 when the body was left unread, since the
+/// connection then holds the rest of it.
+fn too_large(version: Version, drained: bool) -> Response {
+    let text = format!("AdmissionReview body over {MAX_BODY_BYTES} bytes\n");
+    let mut response = (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        text,
+    )
+        .into_response();
+    if !drained && version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+async fn mutate(
+    State(state): State<Arc<AppState>>,
+    version: Version,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    state
+        .metrics
+        .requests
+        .get_or_create(&ProtocolLabel {
+            protocol: format!("{version:?}"),
+        })
+        .inc();
+    let body = match read_body(&headers, body).await {
+        BodyRead::Complete(body) => body,
+        BodyRead::TooLarge { drained } => {
+            warn!(limit = MAX_BODY_BYTES, drained, "review body too large");
+            return too_large(version, drained);
+        }
+        BodyRead::Failed(error) => {
+            debug!(%error, "reading the review body failed");
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("cannot read the body: {error}\n"),
+            )
+                .into_response();
+        }
+    };
     let started = Instant::now();
     let injector = Arc::clone(&state.injector.borrow());
     let reply = admission::review(&injector, state.services.as_ref(), &body);

@@ -50,10 +50,13 @@ impl TestCa {
 
     /// A serving certificate and key (PEM) for the webhook Service names.
     pub fn serving(&self) -> (String, String, CertificateDer<'static>) {
+        // 127.0.0.1 too: a real API server calls a webhook registered by URL
+        // (`https://127.0.0.1:PORT/mutate`) and checks the address against the certificate.
         let params = CertificateParams::new(vec![
             "egress-webhook".to_string(),
             "egress-webhook.egress-gate".to_string(),
             SERVICE_NAME.to_string(),
+            "127.0.0.1".to_string(),
         ])
         .unwrap();
         let key = KeyPair::generate().unwrap();
