@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub mod bootstrap;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod engine;

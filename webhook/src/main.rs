@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use egress_webhook::config::Config;
 use egress_webhook::engine::{ClusterFacts, Injector};
-use egress_webhook::manifest::{PreviewOptions, parse_source, preview};
+use egress_webhook::manifest::{PreviewOptions, parse_source, preview, shipped_exclusion};
 use egress_webhook::preview::{OutputFormat, read_inputs, render, report_lines};
 use egress_webhook::server::{self, ServeOptions, StartError, TlsSource};
 
@@ -24,9 +24,11 @@ const EXIT_BAD_INPUT: u8 = 65;
 const EXIT_NO_INPUT: u8 = 66;
 /// A command-line value clap could not check itself (a certificate setting): clap's code.
 const EXIT_USAGE: u8 = 2;
-/// The namespaces the webhook configuration of `deploy/` always leaves out, besides the
-/// webhook's own.
-const EXCLUDED_NAMESPACES: [&str; 1] = ["kube-system"];
+/// The cluster cannot be reached or read: sysexits' EX_UNAVAILABLE.
+const EXIT_UNAVAILABLE: u8 = 69;
+/// How long the preview waits for discovery's first complete listing: the serving webhook
+/// reports ready after the same listing, which takes well under a second on a live cluster.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// egress-gate's admission webhook and its offline tools.
 #[derive(Parser)]
@@ -50,8 +52,11 @@ enum Command {
     /// configuration excludes them. The namespace opt-in label is not checked: the preview
     /// shows what happens once the namespace is opted in.
     ///
-    /// Offline: NO_PROXY uses the configuration's serviceCIDRs, podCIDRs and apiServer (or
-    /// their defaults), not what `discovery: true` would find in a cluster.
+    /// Against a cluster (the default; kubeconfig as kubectl finds it): the webhook's live
+    /// configuration from its ConfigMap (unless --config), discovery run once as the serving
+    /// webhook runs it (with `discovery: true`), the namespaces' Services, and the webhook
+    /// configuration's namespaceSelector. With --offline: no cluster; NO_PROXY uses the
+    /// configuration's serviceCIDRs, podCIDRs and apiServer (or their defaults).
     Inject(InjectArgs),
     /// Create a CA and a serving certificate for the webhook Service: PEM files, or a
     /// `kubernetes.io/tls` Secret manifest plus the caBundle for the webhook configuration.
@@ -93,16 +98,34 @@ struct InjectArgs {
     /// Read directories given with -f recursively.
     #[arg(short = 'R', long)]
     recursive: bool,
-    /// Webhook configuration; the built-in defaults when omitted.
+    /// Webhook configuration file; without it the live one from the cluster's ConfigMap,
+    /// or with --offline the built-in defaults.
     #[arg(long, value_name = "CFG")]
     config: Option<PathBuf>,
     /// Namespace for objects that name none.
     #[arg(short = 'n', long)]
     namespace: Option<String>,
-    /// The webhook's own namespace: where a default proxyURL finds the bundled proxy, and
-    /// a namespace whose pods the webhook leaves alone.
+    /// The webhook's own namespace: where its ConfigMap is, where a default proxyURL finds
+    /// the bundled proxy, and a namespace whose pods the webhook leaves alone.
     #[arg(long, env = "POD_NAMESPACE", default_value = "egress-gate")]
     webhook_namespace: String,
+    /// Preview without a cluster: configuration from --config or the defaults, cluster
+    /// facts from the configuration, Services only from the input.
+    #[arg(long)]
+    offline: bool,
+    /// Kubeconfig file (otherwise KUBECONFIG, then ~/.kube/config, as kubectl).
+    #[arg(long, value_name = "FILE", conflicts_with = "offline")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use instead of the current one.
+    #[arg(long, value_name = "NAME", conflicts_with = "offline")]
+    context: Option<String>,
+    /// The ConfigMap holding the webhook's configuration (key `webhook.yaml`).
+    #[arg(long, value_name = "NAME", default_value = egress_webhook::cluster::DEFAULT_CONFIG_MAP, conflicts_with = "offline")]
+    config_map: String,
+    /// The MutatingWebhookConfiguration whose namespaceSelector decides which namespaces
+    /// the webhook sees.
+    #[arg(long, value_name = "NAME", default_value = egress_webhook::cluster::DEFAULT_WEBHOOK_CONFIGURATION, conflicts_with = "offline")]
+    webhook_config_name: String,
     /// Output format: the patched objects as YAML or JSON, a unified diff of each changed
     /// object, or each changed object's JSON patch (what the webhook returns).
     #[arg(short = 'o', long, value_enum, default_value = "yaml")]
@@ -396,9 +419,113 @@ fn load_config(path: Option<&PathBuf>, namespace: &str) -> Result<Config, ExitCo
     })
 }
 
+/// What a preview runs on: the configuration, the cluster's facts and Services, and which
+/// namespaces the webhook sees.
+struct PreviewSetup {
+    /// The webhook configuration in force.
+    config: Config,
+    /// Service and Pod CIDRs and API server addresses.
+    facts: ClusterFacts,
+    /// The cluster's Services by namespace (none offline).
+    services: std::sync::Arc<dyn egress_webhook::admission::ServiceDirectory>,
+    /// The webhook configuration's namespace selection (offline: deploy/base's exclusions).
+    gate: Option<egress_webhook::cluster::NamespaceGate>,
+}
+
+/// The configuration and facts for an offline preview.
+fn offline_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
+    let config = load_config(args.config.as_ref(), &args.webhook_namespace)?;
+    warn_offline_discovery(&config);
+    Ok(PreviewSetup {
+        facts: ClusterFacts::from_config(&config),
+        config,
+        services: std::sync::Arc::new(egress_webhook::admission::NoServices),
+        gate: None,
+    })
+}
+
+/// The configuration and facts as the webhook serving the cluster has them.
+async fn cluster_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
+    use egress_webhook::cluster::{self, ClusterError, ClusterTarget};
+    let unavailable = |e: ClusterError| {
+        eprintln!("egress-webhook: {e} (--offline previews without a cluster)");
+        ExitCode::from(EXIT_UNAVAILABLE)
+    };
+    let target = ClusterTarget {
+        kubeconfig: args.kubeconfig.clone(),
+        context: args.context.clone(),
+    };
+    let client = cluster::client(&target).await.map_err(unavailable)?;
+    let config = match &args.config {
+        Some(_) => load_config(args.config.as_ref(), &args.webhook_namespace)?,
+        None => {
+            let ns = &args.webhook_namespace;
+            let text = match cluster::live_config(&client, ns, &args.config_map).await {
+                Ok(t) => t,
+                Err(e @ ClusterError::NoConfig(_)) => {
+                    eprintln!("egress-webhook: {e}");
+                    return Err(ExitCode::from(EXIT_BAD_CONFIG));
+                }
+                Err(e) => return Err(unavailable(e)),
+            };
+            let origin = format!("ConfigMap {ns}/{}", args.config_map);
+            Config::parse(&text, &origin)
+                .and_then(|c| c.in_namespace(ns))
+                .map_err(|e| {
+                    eprintln!("egress-webhook: {e}");
+                    ExitCode::from(EXIT_BAD_CONFIG)
+                })?
+        }
+    };
+    let gate = cluster::NamespaceGate::read(&client, &args.webhook_config_name)
+        .await
+        .map_err(unavailable)?;
+    if !config.discovery {
+        return Ok(PreviewSetup {
+            facts: ClusterFacts::from_config(&config),
+            config,
+            services: std::sync::Arc::new(egress_webhook::admission::NoServices),
+            gate: Some(gate),
+        });
+    }
+    let Some((found, services)) =
+        egress_webhook::discovery::discover_once(client, DISCOVERY_TIMEOUT).await
+    else {
+        eprintln!(
+            "egress-webhook: discovery did not finish listing the cluster within {DISCOVERY_TIMEOUT:?} (--offline previews without a cluster)"
+        );
+        return Err(ExitCode::from(EXIT_UNAVAILABLE));
+    };
+    Ok(PreviewSetup {
+        facts: found.facts_for(&config),
+        config,
+        services,
+        gate: Some(gate),
+    })
+}
+
 fn inject(args: InjectArgs) -> ExitCode {
-    let config = match load_config(args.config.as_ref(), &args.webhook_namespace) {
-        Ok(c) => c,
+    let setup = if args.offline {
+        offline_setup(&args)
+    } else {
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(cluster_setup(&args)),
+            Err(e) => {
+                eprintln!("egress-webhook: cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    let PreviewSetup {
+        config,
+        facts,
+        services,
+        gate,
+    } = match setup {
+        Ok(s) => s,
         Err(code) => return code,
     };
     let inputs = match read_inputs(&args.files, args.recursive) {
@@ -418,14 +545,18 @@ fn inject(args: InjectArgs) -> ExitCode {
             }
         }
     }
-    let mut excluded: Vec<String> = EXCLUDED_NAMESPACES.iter().map(|s| s.to_string()).collect();
-    excluded.push(args.webhook_namespace.clone());
-    let options = PreviewOptions {
-        namespace: args.namespace,
-        excluded_namespaces: excluded,
+    let webhook_namespace = args.webhook_namespace.clone();
+    let excluded = |ns: &str| match &gate {
+        Some(gate) => gate.excludes(ns),
+        None => shipped_exclusion(ns, &webhook_namespace),
     };
-    let injector = Injector::new(&config, &ClusterFacts::from_config(&config));
-    let result = match preview(&injector, documents, &options, &Default::default()) {
+    let options = PreviewOptions {
+        namespace: args.namespace.clone(),
+        excluded: &excluded,
+        services: services.as_ref(),
+    };
+    let injector = Injector::new(&config, &facts);
+    let result = match preview(&injector, documents, &options) {
         Ok(p) => p,
         Err(e) => {
             eprintln!("egress-webhook: {e}");
@@ -435,7 +566,6 @@ fn inject(args: InjectArgs) -> ExitCode {
     for line in report_lines(&result, &config.inject_annotation) {
         eprintln!("{line}");
     }
-    warn_offline_discovery(&config);
     if result.objects.is_empty() {
         let names: Vec<_> = inputs.iter().map(|i| i.name.as_str()).collect();
         eprintln!(

@@ -10,6 +10,7 @@ use jsonptr::Pointer;
 use serde::Deserialize;
 use serde_json::Value;
 
+use crate::admission::{NoServices, ServiceDirectory};
 use crate::engine::pod::PodShapeError;
 use crate::engine::{Injector, Mutation, Operation, PodContext};
 
@@ -93,11 +94,12 @@ pub enum ManifestError {
 pub enum Outcome {
     /// A pod or pod template the engine reviewed: injected, or not and why.
     Reviewed(Mutation),
-    /// A pod in a namespace the webhook configuration excludes (`kube-system`, the
-    /// webhook's own): the API server never calls the webhook for it.
+    /// A pod in a namespace the webhook configuration leaves out (`kube-system`, the
+    /// webhook's own, or with a cluster one not opted in): the API server never calls the
+    /// webhook for it.
     NamespaceExcluded {
-        /// The excluded namespace.
-        namespace: String,
+        /// Why, naming the namespace.
+        reason: String,
     },
     /// A Kubernetes object without pods, passed through unchanged.
     PassedThrough {
@@ -107,13 +109,25 @@ pub enum Outcome {
 }
 
 /// Settings of one preview run.
-#[derive(Clone, Debug, Default)]
-pub struct PreviewOptions {
+pub struct PreviewOptions<'a> {
     /// Namespace for objects that name none; [`DEFAULT_NAMESPACE`] when `None`.
     pub namespace: Option<String>,
-    /// Namespaces the webhook configuration's `namespaceSelector` leaves out: `kube-system`
-    /// and the webhook's own.
-    pub excluded_namespaces: Vec<String>,
+    /// Why the webhook is not called for pods in a namespace (`None`: it is), from the
+    /// webhook configuration's `namespaceSelector`.
+    pub excluded: &'a dyn Fn(&str) -> Option<String>,
+    /// The Services the cluster has, as the serving webhook's discovery sees them; the
+    /// Services in the input join them.
+    pub services: &'a dyn ServiceDirectory,
+}
+
+/// The exclusions of `deploy/base`'s webhook configuration without a cluster to read it
+/// from: `kube-system` and the webhook's own namespace.
+pub fn shipped_exclusion(namespace: &str, webhook_namespace: &str) -> Option<String> {
+    (namespace == "kube-system" || namespace == webhook_namespace).then(|| {
+        format!(
+            "the webhook configuration leaves out namespace {namespace}, so the API server does not call the webhook for it"
+        )
+    })
 }
 
 /// One object of the stream after injection.
@@ -229,25 +243,17 @@ pub fn inject_stream(
 ) -> Result<Vec<InjectedObject>, ManifestError> {
     let options = PreviewOptions {
         namespace: namespace.map(str::to_string),
-        excluded_namespaces: Vec::new(),
+        excluded: &|_| None,
+        services: &NoServices,
     };
-    Ok(preview(
-        injector,
-        parse_source("", text)?,
-        &options,
-        &BTreeMap::new(),
-    )?
-    .objects)
+    Ok(preview(injector, parse_source("", text)?, &options)?.objects)
 }
 
-/// Previews what the webhook does to every object of `documents`. `cluster_services` are
-/// the Services the cluster already has, by namespace; the Services in the documents join
-/// them.
+/// Previews what the webhook does to every object of `documents`.
 pub fn preview(
     injector: &Injector,
     documents: Vec<(DocRef, Value)>,
-    options: &PreviewOptions,
-    cluster_services: &BTreeMap<String, Vec<String>>,
+    options: &PreviewOptions<'_>,
 ) -> Result<Preview, ManifestError> {
     let default_ns = options.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE);
     let mut objects = Vec::new();
@@ -256,9 +262,21 @@ pub fn preview(
         flatten(document, value, &mut objects, &mut skipped);
     }
     let mut services = services_by_namespace(&objects, default_ns);
-    for (ns, names) in cluster_services {
-        let entry = services.entry(ns.clone()).or_default();
-        entry.extend(names.iter().cloned());
+    let namespaces: Vec<String> = objects
+        .iter()
+        .map(|(_, o)| {
+            str_at(o, "/metadata/namespace")
+                .unwrap_or(default_ns)
+                .to_string()
+        })
+        .collect();
+    for ns in namespaces {
+        let known = options.services.services_in(&ns);
+        if known.is_empty() {
+            continue;
+        }
+        let entry = services.entry(ns).or_default();
+        entry.extend(known);
         entry.sort();
         entry.dedup();
     }
@@ -417,7 +435,7 @@ fn inject_object(
     document: DocRef,
     mut object: Value,
     default_ns: &str,
-    options: &PreviewOptions,
+    options: &PreviewOptions<'_>,
     services: &BTreeMap<String, Vec<String>>,
 ) -> Result<InjectedObject, ManifestError> {
     let kind = str_at(&object, "/kind").unwrap_or_default().to_string();
@@ -456,8 +474,8 @@ fn inject_object(
         let reason = pass_reason(injector, &object, &kind, &namespace);
         return Ok(unchanged(Outcome::PassedThrough { reason }, object));
     };
-    if options.excluded_namespaces.contains(&namespace) {
-        return Ok(unchanged(Outcome::NamespaceExcluded { namespace }, object));
+    if let Some(reason) = (options.excluded)(&namespace) {
+        return Ok(unchanged(Outcome::NamespaceExcluded { reason }, object));
     }
     let shape_error = |source: PodShapeError| ManifestError::Shape {
         document: document.clone(),

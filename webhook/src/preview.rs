@@ -209,9 +209,7 @@ fn verdict(object: &InjectedObject, inject_annotation: &str) -> String {
             }
             other => other.as_str().to_string(),
         },
-        Outcome::NamespaceExcluded { namespace } => format!(
-            "excluded: the webhook configuration leaves out namespace {namespace}, so the API server does not call the webhook for it"
-        ),
+        Outcome::NamespaceExcluded { reason } => format!("excluded: {reason}"),
         Outcome::PassedThrough { reason } => format!("passed through: {reason}"),
     }
 }

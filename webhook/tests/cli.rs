@@ -54,7 +54,11 @@ fn assert_exit(out: &Output, code: i32, needles: &[&str]) {
 
 #[test]
 fn usage_errors_exit_2_whichever_flag_is_wrong() {
-    assert_exit(&run(&["inject", "--nope", "-f", "-"], ""), 2, &["--nope"]);
+    assert_exit(
+        &run(&["inject", "--offline", "--nope", "-f", "-"], ""),
+        2,
+        &["--nope"],
+    );
     assert_exit(
         &run(&["certs", "--validity", "10x"], ""),
         2,
@@ -86,7 +90,7 @@ fn config_errors_exit_64_naming_file_key_and_line() {
     let expected = format!("{config}:4: profiles[1].selector: ");
     for args in [
         vec!["check-config", "--config", config],
-        vec!["inject", "-f", "-", "--config", config],
+        vec!["inject", "--offline", "-f", "-", "--config", config],
     ] {
         assert_exit(&run(&args, ""), 64, &[&expected]);
     }
@@ -107,27 +111,34 @@ fn config_errors_exit_64_naming_file_key_and_line() {
 fn input_that_holds_no_kubernetes_object_exits_65_and_says_why() {
     let values = "replicaCount: 2\nimage:\n  tag: v1\n";
     assert_exit(
-        &run(&["inject", "-f", "-"], values),
+        &run(&["inject", "--offline", "-f", "-"], values),
         65,
         &[
             "-: document 1: skipped: not a Kubernetes object",
             "no Kubernetes object in -",
         ],
     );
-    assert_exit(&run(&["inject", "-f", "-"], "42\n"), 65, &["a scalar (42)"]);
     assert_exit(
-        &run(&["inject", "-f", "-"], ""),
+        &run(&["inject", "--offline", "-f", "-"], "42\n"),
+        65,
+        &["a scalar (42)"],
+    );
+    assert_exit(
+        &run(&["inject", "--offline", "-f", "-"], ""),
         65,
         &["no Kubernetes object"],
     );
     assert_exit(
-        &run(&["inject", "-f", "-"], "---\n# only a comment\n"),
+        &run(
+            &["inject", "--offline", "-f", "-"],
+            "---\n# only a comment\n",
+        ),
         65,
         &["no Kubernetes object"],
     );
     let lower = "apiVersion: v1\nkind: pod\nmetadata: {name: a}\nspec: {containers: [{name: c}]}\n";
     assert_exit(
-        &run(&["inject", "-f", "-"], lower),
+        &run(&["inject", "--offline", "-f", "-"], lower),
         65,
         &[
             "document 1: kind \"pod\" does not exist",
@@ -135,19 +146,22 @@ fn input_that_holds_no_kubernetes_object_exits_65_and_says_why() {
         ],
     );
     assert_exit(
-        &run(&["inject", "-f", "-"], "a: [b\n"),
+        &run(&["inject", "--offline", "-f", "-"], "a: [b\n"),
         65,
         &["document 1: not valid YAML"],
     );
     let malformed = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nspec: {containers: 3}\n";
     assert_exit(
-        &run(&["inject", "-f", "-"], malformed),
+        &run(&["inject", "--offline", "-f", "-"], malformed),
         65,
         &["Pod default/a", "containers"],
     );
     let dir = tempfile::tempdir().unwrap();
     assert_exit(
-        &run(&["inject", "-f", dir.path().to_str().unwrap()], ""),
+        &run(
+            &["inject", "--offline", "-f", dir.path().to_str().unwrap()],
+            "",
+        ),
         65,
         &["no manifest files found"],
     );
@@ -156,7 +170,10 @@ fn input_that_holds_no_kubernetes_object_exits_65_and_says_why() {
 #[test]
 fn an_unreadable_input_exits_66() {
     assert_exit(
-        &run(&["inject", "-f", "/nonexistent/egh20.yaml"], ""),
+        &run(
+            &["inject", "--offline", "-f", "/nonexistent/egh20.yaml"],
+            "",
+        ),
         66,
         &["cannot read /nonexistent/egh20.yaml"],
     );
@@ -182,7 +199,7 @@ apiVersion: v1
 kind: ConfigMap
 metadata: {name: settings, namespace: db}
 ";
-    let out = run(&["inject", "-f", "-", "--diff"], cnpg);
+    let out = run(&["inject", "--offline", "-f", "-", "--diff"], cnpg);
     assert_exit(
         &out,
         0,
@@ -199,7 +216,14 @@ metadata: {name: settings, namespace: db}
     let config = dir.path().join("velero-only.yaml");
     std::fs::write(&config, "profiles: [{name: velero}]\n").unwrap();
     let out = run(
-        &["inject", "-f", "-", "--config", config.to_str().unwrap()],
+        &[
+            "inject",
+            "--offline",
+            "-f",
+            "-",
+            "--config",
+            config.to_str().unwrap(),
+        ],
         cnpg,
     );
     assert_exit(
@@ -228,6 +252,7 @@ fn typed_lists_are_unwrapped_and_excluded_namespaces_are_reported() {
     let out = run(
         &[
             "inject",
+            "--offline",
             "-f",
             "-",
             "-o",
@@ -260,7 +285,7 @@ fn typed_lists_are_unwrapped_and_excluded_namespaces_are_reported() {
     assert!(!items[2].to_string().contains("HTTPS_PROXY"));
     // POD_NAMESPACE does the same as --webhook-namespace, as for `serve`.
     let out = Command::new(BIN)
-        .args(["inject", "-f"])
+        .args(["inject", "--offline", "-f"])
         .arg(fixture("cnpg-instance"))
         .env("POD_NAMESPACE", "platform-egress")
         .output()
@@ -282,7 +307,7 @@ fn several_files_directories_and_recursion_like_kubectl() {
     let plain = fixture("plain-app");
     let plain_arg = plain.to_str().unwrap();
 
-    let flat = run(&["inject", "-f", top_arg, "-f", plain_arg], "");
+    let flat = run(&["inject", "--offline", "-f", top_arg, "-f", plain_arg], "");
     assert_exit(
         &flat,
         0,
@@ -297,7 +322,7 @@ fn several_files_directories_and_recursion_like_kubectl() {
     );
     assert_eq!(stdout(&flat).matches("---\n").count(), 2);
 
-    let deep = run(&["inject", "-R", "-f", top_arg], "");
+    let deep = run(&["inject", "--offline", "-R", "-f", top_arg], "");
     assert_exit(&deep, 0, &["a.json: document 1", "sub/b.json: document 1"]);
     assert!(!stderr(&deep).contains("notes.txt"));
 }
@@ -306,7 +331,7 @@ fn several_files_directories_and_recursion_like_kubectl() {
 fn diff_is_a_unified_diff_and_the_json_patch_stays_available() {
     let pod = fixture("cnpg-instance");
     let pod = pod.to_str().unwrap();
-    let out = run(&["inject", "-f", pod, "--diff"], "");
+    let out = run(&["inject", "--offline", "-f", pod, "--diff"], "");
     assert_exit(&out, 0, &[]);
     let diff = stdout(&out);
     assert!(
@@ -324,16 +349,19 @@ fn diff_is_a_unified_diff_and_the_json_patch_stays_available() {
             .any(|l| l.starts_with('-') && !l.starts_with("---")),
         "only additions: {diff}"
     );
-    assert_eq!(stdout(&run(&["inject", "-f", pod, "-o", "diff"], "")), diff);
+    assert_eq!(
+        stdout(&run(&["inject", "--offline", "-f", pod, "-o", "diff"], "")),
+        diff
+    );
 
-    let out = run(&["inject", "-f", pod, "-o", "json-patch"], "");
+    let out = run(&["inject", "--offline", "-f", pod, "-o", "json-patch"], "");
     assert_exit(&out, 0, &[]);
     let text = stdout(&out);
     let body = text.split_once('\n').unwrap().1;
     let patch: Vec<serde_json::Value> = serde_json::from_str(body).unwrap();
     assert!(patch.iter().all(|op| op["op"] == "add"), "{text}");
 
-    let out = run(&["inject", "-f", pod, "-o", "json"], "");
+    let out = run(&["inject", "--offline", "-f", pod, "-o", "json"], "");
     let object: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
     assert_eq!(
         object["kind"], "Pod",
@@ -341,7 +369,10 @@ fn diff_is_a_unified_diff_and_the_json_patch_stays_available() {
     );
 
     assert_exit(
-        &run(&["inject", "-f", pod, "-o", "yaml", "--diff"], ""),
+        &run(
+            &["inject", "--offline", "-f", pod, "-o", "yaml", "--diff"],
+            "",
+        ),
         2,
         &["--diff"],
     );
@@ -349,7 +380,7 @@ fn diff_is_a_unified_diff_and_the_json_patch_stays_available() {
 
 #[test]
 fn help_lists_every_workload_kind_and_completion_prints_a_script() {
-    let out = run(&["inject", "--help"], "");
+    let out = run(&["inject", "--offline", "--help"], "");
     assert_exit(&out, 0, &[]);
     let help = stdout(&out);
     for kind in [
@@ -396,4 +427,62 @@ fn check_config_follows_the_webhooks_namespace() {
     let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/base/config/webhook.yaml");
     let out = run(&["check-config", "--config", base.to_str().unwrap()], "");
     assert_exit(&out, 0, &["discovery: true; offline"]);
+}
+
+#[test]
+fn without_offline_inject_needs_a_cluster_and_says_how_to_do_without() {
+    let home = tempfile::tempdir().unwrap();
+    let pod = fixture("cnpg-instance");
+    let out = Command::new(BIN)
+        .args(["inject", "-f"])
+        .arg(&pod)
+        .env("HOME", home.path())
+        .env_remove("KUBECONFIG")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBERNETES_SERVICE_PORT")
+        .output()
+        .unwrap();
+    assert_exit(&out, 69, &["no cluster to preview against", "--offline"]);
+    assert_eq!(stdout(&out), "");
+    // A kubeconfig whose server does not answer: the same code, naming what was tried.
+    let kubeconfig = home.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        "apiVersion: v1\nkind: Config\nclusters: [{name: c, cluster: {server: 'https://127.0.0.1:1'}}]\n\
+         users: [{name: u, user: {token: t}}]\ncontexts: [{name: x, context: {cluster: c, user: u}}]\ncurrent-context: x\n",
+    )
+    .unwrap();
+    let out = run(
+        &[
+            "inject",
+            "-f",
+            pod.to_str().unwrap(),
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+        ],
+        "",
+    );
+    assert_exit(
+        &out,
+        69,
+        &["ConfigMap egress-gate/egress-webhook-config", "--offline"],
+    );
+    let out = run(
+        &[
+            "inject",
+            "-f",
+            pod.to_str().unwrap(),
+            "--kubeconfig",
+            kubeconfig.to_str().unwrap(),
+            "--context",
+            "nope",
+        ],
+        "",
+    );
+    assert_exit(&out, 69, &["nope"]);
+    assert_exit(
+        &run(&["inject", "--offline", "--kubeconfig", "x", "-f", "-"], ""),
+        2,
+        &["--offline"],
+    );
 }
