@@ -47,9 +47,14 @@ struct Args {
     watch_interval: HumanDuration,
 }
 
-/// The commands that check a configuration without serving.
+/// The commands that do not serve.
 #[derive(Debug, Subcommand)]
 enum Offline {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Validate the configuration and print what it allows; warns when nothing can pass.
     CheckConfig,
     /// Would this CONNECT target pass? Prints the matching rules, the addresses the proxy
@@ -83,6 +88,11 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Offline::Completion { shell }) = &args.command {
+        let mut command = <Args as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut command, "egress-proxy", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let config = match args.load() {
         Ok(c) => c,
         Err(e) => {
@@ -91,6 +101,7 @@ fn main() -> ExitCode {
         }
     };
     match &args.command {
+        Some(Offline::Completion { .. }) => {}
         Some(Offline::CheckConfig) => return cli_check::check_config(&config),
         Some(Offline::Check { target }) => return cli_check::check(&config, target),
         None => {}

@@ -205,3 +205,18 @@ fn usage_errors_exit_2() {
     let out = run(&["--listen", "not-an-address"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn completion_prints_a_script_without_reading_a_config() {
+    let out = Command::new(BIN)
+        .args(["completion", "bash"])
+        .env("EGRESS_PROXY_CONFIG", "/nonexistent/egh20-proxy.yaml")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("complete -F") && stdout.contains("check-config"),
+        "{stdout}"
+    );
+}

@@ -248,6 +248,10 @@ impl Config {
                 if let Some(cut) = message.find(" at line ") {
                     message.truncate(cut);
                 }
+                // serde_yaml_ng starts some messages with the path already.
+                if let Some(rest) = message.strip_prefix(&format!("{key}: ")) {
+                    message = rest.to_string();
+                }
                 ConfigError::Syntax {
                     origin: origin.to_string(),
                     line,
@@ -705,6 +709,7 @@ profiles:
         )
         .unwrap_err();
         assert_eq!(e.key(), Some("profiles[0].selector.matchLabels"), "{e}");
+        assert_eq!(e.to_string().matches("matchLabels").count(), 1, "{e}");
         assert_eq!(e.line(), Some(3), "{e}");
     }
 
