@@ -102,7 +102,8 @@ struct InjectArgs {
     /// or with --offline the built-in defaults.
     #[arg(long, value_name = "CFG")]
     config: Option<PathBuf>,
-    /// Namespace for objects that name none.
+    /// Namespace for objects that name none; otherwise the kubeconfig context's, as
+    /// kubectl (offline: `default`).
     #[arg(short = 'n', long)]
     namespace: Option<String>,
     /// The webhook's own namespace: where its ConfigMap is, where a default proxyURL finds
@@ -430,6 +431,8 @@ struct PreviewSetup {
     services: std::sync::Arc<dyn egress_webhook::admission::ServiceDirectory>,
     /// The webhook configuration's namespace selection (offline: deploy/base's exclusions).
     gate: Option<egress_webhook::cluster::NamespaceGate>,
+    /// The kubeconfig context's namespace, for objects that name none (as kubectl).
+    context_namespace: Option<String>,
 }
 
 /// The configuration and facts for an offline preview.
@@ -441,6 +444,7 @@ fn offline_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
         config,
         services: std::sync::Arc::new(egress_webhook::admission::NoServices),
         gate: None,
+        context_namespace: None,
     })
 }
 
@@ -456,6 +460,7 @@ async fn cluster_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
         context: args.context.clone(),
     };
     let client = cluster::client(&target).await.map_err(unavailable)?;
+    let context_namespace = Some(client.default_namespace().to_string());
     let config = match &args.config {
         Some(_) => load_config(args.config.as_ref(), &args.webhook_namespace)?,
         None => {
@@ -486,6 +491,7 @@ async fn cluster_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
             config,
             services: std::sync::Arc::new(egress_webhook::admission::NoServices),
             gate: Some(gate),
+            context_namespace,
         });
     }
     let Some((found, services)) =
@@ -501,6 +507,7 @@ async fn cluster_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
         config,
         services,
         gate: Some(gate),
+        context_namespace,
     })
 }
 
@@ -524,6 +531,7 @@ fn inject(args: InjectArgs) -> ExitCode {
         facts,
         services,
         gate,
+        context_namespace,
     } = match setup {
         Ok(s) => s,
         Err(code) => return code,
@@ -551,7 +559,7 @@ fn inject(args: InjectArgs) -> ExitCode {
         None => shipped_exclusion(ns, &webhook_namespace),
     };
     let options = PreviewOptions {
-        namespace: args.namespace.clone(),
+        namespace: args.namespace.clone().or(context_namespace),
         excluded: &excluded,
         services: services.as_ref(),
     };

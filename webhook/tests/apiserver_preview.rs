@@ -208,6 +208,32 @@ async fn the_preview_writes_the_patch_the_webhook_serving_the_cluster_writes() {
         "the API server did not call the webhook either"
     );
 
+    // An object that names no namespace lands in the kubeconfig context's, as with kubectl.
+    let mut context: Value =
+        serde_yaml_ng::from_str(&std::fs::read_to_string(&kubeconfig).unwrap()).unwrap();
+    context["contexts"][0]["context"]["namespace"] = json!("db");
+    let with_ns = dir.path().join("kubeconfig-db");
+    std::fs::write(&with_ns, serde_yaml_ng::to_string(&context).unwrap()).unwrap();
+    let mut anywhere = raw.clone();
+    anywhere["metadata"]
+        .as_object_mut()
+        .unwrap()
+        .remove("namespace");
+    std::fs::write(&pod_file, anywhere.to_string()).unwrap();
+    let out = inject(&[
+        "-f",
+        pod_arg,
+        "--kubeconfig",
+        with_ns.to_str().unwrap(),
+        "--webhook-config-name",
+        &mwc_name,
+    ]);
+    let report = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        report.contains("Pod db/pg-1: injected (profile cnpg)"),
+        "{report}"
+    );
+
     // Without the ConfigMap's namespace the preview stops with a configuration error.
     let out = inject(&[
         "-f",
