@@ -24,14 +24,20 @@ pub struct DocRef {
     pub source: String,
     /// The document's number in that file, counting from 1 as editors show it.
     pub number: usize,
+    /// Where in the document's `items` the object is, counting from 1, when the document
+    /// is a list (nested lists: the innermost position).
+    pub item: Option<usize>,
 }
 
 impl std::fmt::Display for DocRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if self.source.is_empty() {
-            write!(f, "document {}", self.number)
-        } else {
-            write!(f, "{}: document {}", self.source, self.number)
+        if !self.source.is_empty() {
+            write!(f, "{}: ", self.source)?;
+        }
+        write!(f, "document {}", self.number)?;
+        match self.item {
+            Some(item) => write!(f, " item {item}"),
+            None => Ok(()),
         }
     }
 }
@@ -216,6 +222,7 @@ pub fn parse_source(source: &str, text: &str) -> Result<Vec<(DocRef, Value)>, Ma
         let document = DocRef {
             source: source.to_string(),
             number: i + 1,
+            item: None,
         };
         let value = match Value::deserialize(doc) {
             Ok(v) => v,
@@ -303,7 +310,7 @@ fn flatten(
         && let Some(Value::Array(items)) = value.get("items")
     {
         let api_version = str_at(&value, "/apiVersion").map(str::to_string);
-        for item in items {
+        for (position, item) in items.iter().enumerate() {
             let mut item = item.clone();
             // Items of a typed list (PodList) may carry no kind or apiVersion of their own.
             if let Value::Object(fields) = &mut item
@@ -318,7 +325,11 @@ fn flatten(
                     fields.insert("apiVersion".into(), Value::String(v.clone()));
                 }
             }
-            flatten(document.clone(), item, out, skipped);
+            let at = DocRef {
+                item: Some(position + 1),
+                ..document.clone()
+            };
+            flatten(at, item, out, skipped);
         }
         return;
     }

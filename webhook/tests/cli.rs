@@ -266,8 +266,8 @@ fn typed_lists_are_unwrapped_and_excluded_namespaces_are_reported() {
         &out,
         0,
         &[
-            "Pod db/pg-1: injected (profile cnpg), ",
-            "Pod kube-system/sys: excluded: the webhook configuration leaves out namespace kube-system",
+            "-: document 1 item 1: Pod db/pg-1: injected (profile cnpg), ",
+            "-: document 1 item 2: Pod kube-system/sys: excluded: the webhook configuration leaves out namespace kube-system",
             "Pod platform-egress/own: excluded: the webhook configuration leaves out namespace platform-egress",
         ],
     );
