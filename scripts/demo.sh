@@ -15,15 +15,15 @@ step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 step "Configuration in force (built-in defaults)"
 "$bin" check-config
 
-step "Preview: egress-webhook inject -f $pods"
-"$bin" inject -f "$pods" >"$work/injected.yaml" 2>"$work/report.txt"
+step "Preview: egress-webhook inject --offline -f $pods"
+"$bin" inject --offline -f "$pods" >"$work/injected.yaml" 2>"$work/report.txt"
 cat "$work/report.txt"
 
 step "The CNPG postgres container after injection"
 awk '/name: pg-1$/{pod=1} pod && /- name: postgres/{c=1} c && /HTTPS_PROXY|https_proxy|NO_PROXY|no_proxy/{print; getline; print} /^---/{pod=0; c=0}' "$work/injected.yaml"
 
 step "Reinvocation on the injected output (must change nothing)"
-"$bin" inject -f "$work/injected.yaml" >/dev/null 2>"$work/again.txt"
+"$bin" inject --offline -f "$work/injected.yaml" >/dev/null 2>"$work/again.txt"
 cat "$work/again.txt"
 
 step "Checks"

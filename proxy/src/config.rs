@@ -263,8 +263,12 @@ pub enum ConfigError {
         detail: String,
     },
     /// A field has a value the proxy cannot use.
-    #[error("config field `{field}`: {message}")]
+    #[error("{}field `{field}`: {message}", located(origin, *line))]
     Invalid {
+        /// The file, empty when the value did not come from one.
+        origin: String,
+        /// The field's line in the file (1-based), when found.
+        line: Option<usize>,
         /// Path of the field, e.g. `allow[1].host`.
         field: String,
         /// What is wrong with it.
@@ -272,8 +276,19 @@ pub enum ConfigError {
     },
 }
 
+/// `config file proxy.yaml:12: ` before a field, or `config ` without a file.
+fn located(origin: &str, line: Option<usize>) -> String {
+    match (origin, line) {
+        ("", _) => "config ".to_string(),
+        (origin, Some(line)) => format!("config file {origin}:{line}: "),
+        (origin, None) => format!("config file {origin}: "),
+    }
+}
+
 fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
+        origin: String::new(),
+        line: None,
         field: field.into(),
         message: message.into(),
     }
@@ -310,7 +325,15 @@ impl Config {
                 },
             )?
         };
-        config.validate()?;
+        config.validate().map_err(|e| match e {
+            ConfigError::Invalid { field, message, .. } => ConfigError::Invalid {
+                origin: origin.to_owned(),
+                line: yaml_location::line_of(text, &field),
+                field,
+                message,
+            },
+            other => other,
+        })?;
         Ok(config)
     }
 
@@ -513,6 +536,27 @@ hosts:
                 .contains("`allow[0].onlyCIDRs`: needs cidrs")
         );
         assert!(err("allow: [{host: x.com, onlyCidrs: true}]").contains("onlyCidrs"));
+    }
+
+    #[test]
+    fn invalid_values_name_the_file_and_the_line() {
+        let e = Config::parse(
+            "listen: 0.0.0.0:3128\nallow:\n  - host: a.example\n  - host: 'b c'\n",
+            "proxy.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("config file proxy.yaml:4: field `allow[1].host`: "),
+            "{e}"
+        );
+        let e = Config::parse("maxTunnels: 0\n", "p.yaml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("config file p.yaml:1: field `maxTunnels`"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! the server, and turns signals and file changes into shutdown and reload.
 #![forbid(unsafe_code)]
 
+mod cli_check;
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -9,20 +11,26 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use egress_proxy::config::{HumanDuration, LogFormat};
 use egress_proxy::{Config, Handle, Server, StartError};
 use tokio::signal::unix::{SignalKind, signal};
 
-/// `EX_USAGE` from sysexits.h: the configuration is unusable.
+/// `EX_USAGE` from sysexits.h: the configuration is unusable. The exit codes of both
+/// binaries are one table (docs/webhook.md, "Exit codes").
 const EX_USAGE: u8 = 64;
 
 /// The egress-gate CONNECT proxy: tunnels TLS to allowlisted destinations only.
+///
+/// Without a command it serves; `check-config` and `check` work offline.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(version, args_conflicts_with_subcommands = true)]
 struct Args {
+    /// Offline checks instead of serving.
+    #[command(subcommand)]
+    command: Option<Offline>,
     /// YAML config file; without it the built-in defaults apply (see docs/proxy.md).
-    #[arg(long, env = "EGRESS_PROXY_CONFIG")]
+    #[arg(long, env = "EGRESS_PROXY_CONFIG", global = true)]
     config: Option<PathBuf>,
     /// Overrides `listen`.
     #[arg(long)]
@@ -37,6 +45,25 @@ struct Args {
     /// once. Polling, because a ConfigMap update swaps a symlink that inotify watches miss.
     #[arg(long, default_value = "2s")]
     watch_interval: HumanDuration,
+}
+
+/// The commands that do not serve.
+#[derive(Debug, Subcommand)]
+enum Offline {
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Validate the configuration and print what it allows; warns when nothing can pass.
+    CheckConfig,
+    /// Would this CONNECT target pass? Prints the matching rules, the addresses the proxy
+    /// would resolve and check, and the verdict with its reason. Exit 0 allowed, 1 refused.
+    Check {
+        /// The CONNECT target: `host:port`, `a.b.c.d:port` or `[v6]:port`.
+        #[arg(value_name = "HOST:PORT")]
+        target: String,
+    },
 }
 
 impl Args {
@@ -61,6 +88,11 @@ impl Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Offline::Completion { shell }) = &args.command {
+        let mut command = <Args as clap::CommandFactory>::command();
+        clap_complete::generate(*shell, &mut command, "egress-proxy", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     let config = match args.load() {
         Ok(c) => c,
         Err(e) => {
@@ -68,7 +100,16 @@ fn main() -> ExitCode {
             return ExitCode::from(EX_USAGE);
         }
     };
+    match &args.command {
+        Some(Offline::Completion { .. }) => {}
+        Some(Offline::CheckConfig) => return cli_check::check_config(&config),
+        Some(Offline::Check { target }) => return cli_check::check(&config, target),
+        None => {}
+    }
     init_tracing(config.log_format);
+    for warning in cli_check::warnings(&config) {
+        tracing::warn!("{warning}");
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = config.worker_threads {
         builder.worker_threads(n);

@@ -75,7 +75,8 @@ pub struct Config {
     pub discovery: bool,
 }
 
-/// Why a configuration was rejected.
+/// Why a configuration was rejected. Every variant names the file (or `config` for text
+/// without one); a key the file holds comes with its line.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
@@ -88,11 +89,24 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The YAML is malformed, has an unknown key or a value of the wrong type.
-    #[error("invalid config: {0}")]
-    Syntax(String),
+    #[error("{}: {}", at(origin, *line), key_message(key, message))]
+    Syntax {
+        /// The file, or `config` for text from elsewhere.
+        origin: String,
+        /// Where the parser stopped (1-based), when it says.
+        line: Option<usize>,
+        /// The key path the parser was in (`profiles[0].selector`), empty at the top.
+        key: String,
+        /// What the parser said, without its own position suffix.
+        message: String,
+    },
     /// A key has a value that parses but is not acceptable.
-    #[error("invalid config: {key}: {message}")]
+    #[error("{}: {key}: {message}", at(origin, *line))]
     Invalid {
+        /// The file, or `config` for text from elsewhere.
+        origin: String,
+        /// The line of the key in the file (1-based), when the file has it.
+        line: Option<usize>,
         /// The key, with list indexes (`profiles[0].selector`).
         key: String,
         /// What is wrong and, where it helps, what to write instead.
@@ -100,8 +114,48 @@ pub enum ConfigError {
     },
 }
 
+impl ConfigError {
+    /// The key at fault, for messages and tests (`None` for an unreadable file).
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Syntax { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+        }
+    }
+
+    /// The line of the key or of the syntax error, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Syntax { line, .. } | ConfigError::Invalid { line, .. } => *line,
+        }
+    }
+}
+
+/// `file:line` (or just `file`) in the form compilers and editors use.
+fn at(origin: &str, line: Option<usize>) -> String {
+    match line {
+        Some(line) => format!("{origin}:{line}"),
+        None => origin.to_string(),
+    }
+}
+
+/// `key: message`, or the message alone for the document itself.
+fn key_message(key: &str, message: &str) -> String {
+    if key.is_empty() {
+        message.to_string()
+    } else {
+        format!("{key}: {message}")
+    }
+}
+
+/// What [`Config::from_yaml`] calls text that came from no file.
+const NO_FILE: &str = "config";
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
+        origin: NO_FILE.to_string(),
+        line: None,
         key: key.into(),
         message: message.into(),
     }
@@ -167,20 +221,53 @@ impl Config {
         Ok(self)
     }
 
-    /// Reads and validates the file at `path`.
+    /// Reads and validates the file at `path`; errors name the file and the line.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        Self::from_yaml(&text)
+        Self::parse(&text, &path.display().to_string())
     }
 
     /// Parses and validates YAML text; an empty document gives the defaults.
     pub fn from_yaml(text: &str) -> Result<Self, ConfigError> {
+        Self::parse(text, NO_FILE)
+    }
+
+    /// Parses and validates YAML text; `origin` (a file name) and the line of the key at
+    /// fault are in every error.
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let deserializer = serde_yaml_ng::Deserializer::from_str(text);
         let file: Option<ConfigFile> =
-            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Syntax(e.to_string()))?;
-        Self::from_file(file.unwrap_or_default())
+            serde_path_to_error::deserialize(deserializer).map_err(|e| {
+                let key = e.path().to_string();
+                let inner = e.into_inner();
+                let line = inner.location().map(|l| l.line());
+                let mut message = inner.to_string();
+                if let Some(cut) = message.find(" at line ") {
+                    message.truncate(cut);
+                }
+                // serde_yaml_ng starts some messages with the path already.
+                if let Some(rest) = message.strip_prefix(&format!("{key}: ")) {
+                    message = rest.to_string();
+                }
+                ConfigError::Syntax {
+                    origin: origin.to_string(),
+                    line,
+                    key: if key == "." { String::new() } else { key },
+                    message,
+                }
+            })?;
+        Self::from_file(file.unwrap_or_default()).map_err(|e| match e {
+            ConfigError::Invalid { key, message, .. } => ConfigError::Invalid {
+                origin: origin.to_string(),
+                line: yaml_location::line_of(text, &key),
+                key,
+                message,
+            },
+            other => other,
+        })
     }
 
     fn from_file(file: ConfigFile) -> Result<Self, ConfigError> {
@@ -598,6 +685,32 @@ profiles:
         );
         assert!(e.contains("Maybe"), "{e}");
         assert!(err("clientLabel: 'not a key!'\n").contains("clientLabel"));
+    }
+
+    #[test]
+    fn errors_name_the_file_and_the_line() {
+        let text = "clusterDomain: cluster.local\nprofiles:\n  - name: cnpg\n  - name: mine\npodCIDRs: [10.0.0.0/8]\n";
+        let e = Config::parse(text, "webhook.yaml").unwrap_err();
+        assert_eq!(e.line(), Some(4), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("webhook.yaml:4: profiles[1].selector: "),
+            "{e}"
+        );
+        let e = Config::parse("clusterDomain: a\nproxyUrl: x\n", "w.yaml").unwrap_err();
+        assert_eq!(e.line(), Some(2), "{e}");
+        assert!(
+            e.to_string().starts_with("w.yaml:2: ") && e.to_string().contains("proxyUrl"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "profiles:\n  - name: x\n    selector: {matchLabels: 3}\n",
+            "w.yaml",
+        )
+        .unwrap_err();
+        assert_eq!(e.key(), Some("profiles[0].selector.matchLabels"), "{e}");
+        assert_eq!(e.to_string().matches("matchLabels").count(), 1, "{e}");
+        assert_eq!(e.line(), Some(3), "{e}");
     }
 
     #[test]

@@ -302,6 +302,44 @@ pub struct DiscoveryHandle {
 /// Starts the watchers with the in-cluster (or kubeconfig) client. Without a usable client
 /// discovery is off: logged, configured facts only, ready at once.
 pub async fn start(metrics: Arc<Metrics>) -> DiscoveryHandle {
+    match kube::Client::try_default().await {
+        Ok(client) => start_with(client, metrics),
+        Err(e) => {
+            warn!(error = %e, "discovery is on but no Kubernetes client could be built; using configured cluster facts only");
+            let cache = Arc::new(RwLock::new(ClusterCache {
+                service_host: own_service_host(),
+                ..Default::default()
+            }));
+            let (_, facts) = watch::channel(read(&cache).discovered());
+            let (_, synced) = watch::channel(true);
+            DiscoveryHandle {
+                services: Arc::new(SharedCache(cache)),
+                facts,
+                synced,
+            }
+        }
+    }
+}
+
+/// Runs discovery once, as the serving webhook's first sync does, for the cluster-aware
+/// preview: starts the same watchers with `client`, waits until every source has listed
+/// (or failed, which counts as empty, as in the webhook), and returns what they found.
+/// `None` when that takes longer than `within`. The watchers stop with the runtime.
+pub async fn discover_once(
+    client: kube::Client,
+    within: std::time::Duration,
+) -> Option<(Discovered, Arc<dyn ServiceDirectory>)> {
+    let mut handle = start_with(client, Arc::new(Metrics::default()));
+    tokio::time::timeout(within, handle.synced.wait_for(|synced| *synced))
+        .await
+        .ok()?
+        .ok()?;
+    let facts = handle.facts.borrow().clone();
+    Some((facts, handle.services))
+}
+
+/// Starts the watchers with `client`.
+pub fn start_with(client: kube::Client, metrics: Arc<Metrics>) -> DiscoveryHandle {
     let cache = Arc::new(RwLock::new(ClusterCache {
         service_host: own_service_host(),
         ..Default::default()
@@ -311,18 +349,6 @@ pub async fn start(metrics: Arc<Metrics>) -> DiscoveryHandle {
     let (synced_tx, synced) = watch::channel(false);
     let services: Arc<dyn ServiceDirectory> = Arc::new(SharedCache(Arc::clone(&cache)));
 
-    let client = match kube::Client::try_default().await {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "discovery is on but no Kubernetes client could be built; using configured cluster facts only");
-            let _ = synced_tx.send(true);
-            return DiscoveryHandle {
-                services,
-                facts,
-                synced,
-            };
-        }
-    };
     let publish = Arc::new(Publisher {
         cache,
         facts: facts_tx,

@@ -10,11 +10,13 @@
 
 pub mod admission;
 pub mod bootstrap;
+pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod engine;
 pub mod manifest;
 pub mod metrics;
+pub mod preview;
 pub mod server;
 pub mod tls;
 pub mod watch;
