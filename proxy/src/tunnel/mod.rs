@@ -2,7 +2,7 @@
 //! the target against the policy, dials it through [`crate::dial`], answers 200 and then
 //! moves opaque bytes both ways; the TLS inside is the pod's own, end to end.
 //!
-//! Read top to bottom: [`serve`] handles one connection, [`head`] reads and parses the
+//! Read top to bottom: `serve` handles one connection, [`head`] reads and parses the
 //! request head, [`respond`] words every answer, [`relay`] moves the bytes.
 
 pub mod head;
