@@ -2,17 +2,19 @@
 //! nothing else (DESIGN.md section 4).
 //!
 //! The crate is layered; each module uses only modules above it in this list:
-//! - the floor: [`config`] (the file, validated), [`policy`] (may this target be reached, at
-//!   which addresses), [`dial`] (resolve, check, dial: the one way any upstream connection
+//! - the floor: [`policy`] (may this target be reached, at which addresses), [`config`] (the
+//!   file, validated), [`dial`] (resolve, check, dial: the one way any upstream connection
 //!   is made), [`metrics`], [`tls`] (listener certificates), [`state`] (the reloadable
-//!   settings and process-wide state every task shares);
-//! - the ways out: [`tunnel`] (CONNECT: head, policy, dial, relay);
+//!   settings and process-wide state every task shares), `accept` (accept-error logging);
+//! - the ways out: [`tunnel`] (CONNECT: head, policy, dial, relay) and [`blob`] (the blob
+//!   gateway; so far its Shared Key signing and verification);
 //! - the front: [`admin`] (health and metrics port) and [`listener`] (accept loops, limits,
 //!   reload and drain), which hands each connection to its way out.
 #![forbid(unsafe_code)]
 
 mod accept;
 pub mod admin;
+pub mod blob;
 pub mod config;
 pub mod dial;
 pub mod listener;
