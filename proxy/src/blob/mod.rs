@@ -3,9 +3,13 @@
 //! client key; the gateway checks that signature, rewrites the request for the real account
 //! and signs it again with the real key.
 //!
-//! Built so far: the Shared Key core both halves need, [`shared_key`] (string-to-sign,
-//! signing, verification) and [`collation`] (the service's header order). The listener,
-//! configuration, authorization and upstream client come next.
+//! Built so far, all pure code on [`http::request::Parts`]: [`shared_key`] (string-to-sign,
+//! signing, verification) with [`collation`] (the service's header order), [`operation`]
+//! (what a request does, and whether the account may) and [`rewrite`] (the request for the
+//! real account, re-signed). The listener, configuration, Blob Batch parts and upstream
+//! client come next.
 
 pub mod collation;
+pub mod operation;
+pub mod rewrite;
 pub mod shared_key;
