@@ -5,10 +5,11 @@
 //!
 //! Built so far, all pure code on [`http::request::Parts`]: [`shared_key`] (string-to-sign,
 //! signing, verification) with [`collation`] (the service's header order), [`operation`]
-//! (what a request does, and whether the account may) and [`rewrite`] (the request for the
-//! real account, re-signed). The listener, configuration, Blob Batch parts and upstream
-//! client come next.
+//! (what a request does, and whether the account may), [`rewrite`] (the request for the
+//! real account, re-signed) and [`batch`] (the same for every part of a Blob Batch). The
+//! listener, configuration and upstream client come next.
 
+pub mod batch;
 pub mod collation;
 pub mod operation;
 pub mod rewrite;

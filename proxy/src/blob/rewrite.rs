@@ -131,6 +131,24 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// Rewrites a verified Blob Batch sub-request: like [`Upstream::rewrite`], but the
+    /// target stays a path (sub-requests carry no scheme, host or Host header).
+    pub fn rewrite_part(
+        &self,
+        parts: &mut Parts,
+        virtual_account: &str,
+    ) -> Result<(), RewriteError> {
+        let target = self
+            .target(parts.uri.path(), parts.uri.query(), virtual_account)
+            .ok_or(RewriteError::NotThisAccount)?;
+        parts.uri = Uri::try_from(target).map_err(|_| RewriteError::NotThisAccount)?;
+        parts.headers.remove(AUTHORIZATION);
+        sign(parts, &self.account, &self.key)?;
+        Ok(())
+    }
+}
+
 /// Why a request could not be rewritten for its upstream.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RewriteError {
