@@ -17,7 +17,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::task::AbortHandle;
 
-use crate::listener::{AcceptErrors, Shared};
+use crate::accept::AcceptErrors;
+use crate::state::Shared;
 
 /// Content type of the exposition format prometheus-client writes.
 const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";

@@ -7,9 +7,9 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 
 use egress_proxy::Config;
-use egress_proxy::config::AllowRule;
-use egress_proxy::connect::{parse_authority, resolve};
-use egress_proxy::policy::{Denial, Host, Policy, Target};
+use egress_proxy::dial::resolve;
+use egress_proxy::policy::{AllowRule, Denial, Host, Target};
+use egress_proxy::tunnel::head::parse_authority;
 
 /// `check`'s exit code when the target would be refused: a finding, not a failure.
 pub const EXIT_DENIED: u8 = 1;
@@ -88,7 +88,7 @@ pub fn check(config: &Config, target: &str) -> ExitCode {
         eprintln!("egress-proxy: warning: {w}");
     }
     println!("target: {target}");
-    let policy = Policy::from_config(config);
+    let policy = config.policy();
     let grant = match policy.authorize(&target) {
         Ok(g) => g,
         Err(denial) => {
@@ -161,7 +161,7 @@ fn matching_rules(config: &Config, target: &Target, host_only: bool) -> Vec<usiz
         .filter(|&i| {
             let mut alone = config.clone();
             alone.allow = vec![config.allow[i].clone()];
-            match Policy::from_config(&alone).authorize(target) {
+            match alone.policy().authorize(target) {
                 Ok(_) => true,
                 Err(Denial::PortNotAllowed) => host_only,
                 Err(_) => false,

@@ -12,6 +12,8 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::policy::{AllowRule, DEFAULT_PORT, HostPattern, Policy, normalize_name};
+
 /// Where the proxy listens by default. Loopback, so that running the binary without a config
 /// never exposes a proxy to the network by accident; the Deployment sets `0.0.0.0:3128`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
@@ -19,8 +21,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:3128";
 pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9090";
 /// The one destination family egress-gate exists for: Azure Blob Storage.
 pub const DEFAULT_ALLOW_HOST: &str = "*.blob.core.windows.net";
-/// HTTPS only: the proxy tunnels TLS, so 443 is the only port allowed unless a rule says more.
-pub const DEFAULT_PORT: u16 = 443;
 
 /// Why 10,000: each tunnel holds two descriptors; 10,000 tunnels stay under the usual
 /// container open-files limit (1 Mi hard, often 65,536 soft) with room for the rest.
@@ -136,29 +136,6 @@ pub struct Config {
     pub hosts: BTreeMap<String, Vec<IpAddr>>,
 }
 
-/// One allow rule.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct AllowRule {
-    /// Exact host name or `*.suffix`; case-insensitive, a trailing dot is ignored. Absent:
-    /// the rule allows IP-literal targets inside `cidrs`.
-    #[serde(default)]
-    pub host: Option<String>,
-    /// Destination ports.
-    #[serde(default = "default_ports")]
-    pub ports: Vec<u16>,
-    /// Private ranges this rule's names may resolve to (Azure private endpoints live in the
-    /// VNet's 10.x space); without a host, the IP literals this rule allows.
-    #[serde(default, rename = "cidrs")]
-    pub cidrs: Vec<IpNet>,
-    /// Every address this rule's names resolve to must lie inside `cidrs`, public addresses
-    /// included: pins a storage account to its private endpoint, so a missing private DNS
-    /// zone is a refusal naming the public address instead of a backup over the internet.
-    /// Off: `cidrs` only opens private ranges and public addresses stay allowed.
-    #[serde(default, rename = "onlyCIDRs")]
-    pub only_cidrs: bool,
-}
-
 /// The optional TLS listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -206,13 +183,10 @@ fn default_drain_timeout() -> HumanDuration {
 fn default_splice() -> bool {
     DEFAULT_SPLICE
 }
-fn default_ports() -> Vec<u16> {
-    vec![DEFAULT_PORT]
-}
 fn default_allow() -> Vec<AllowRule> {
     vec![AllowRule {
         host: Some(DEFAULT_ALLOW_HOST.to_owned()),
-        ports: default_ports(),
+        ports: vec![DEFAULT_PORT],
         cidrs: Vec::new(),
         only_cidrs: false,
     }]
@@ -337,6 +311,11 @@ impl Config {
         Ok(config)
     }
 
+    /// The access policy this file describes, compiled.
+    pub fn policy(&self) -> Policy {
+        Policy::new(&self.allow, &self.deny_cidrs, &self.hosts)
+    }
+
     /// Checks every constraint serde cannot express.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_tunnels == 0 {
@@ -375,8 +354,7 @@ impl Config {
         }
         for (i, rule) in self.allow.iter().enumerate() {
             if let Some(host) = &rule.host {
-                crate::policy::HostPattern::parse(host)
-                    .map_err(|m| invalid(format!("allow[{i}].host"), m))?;
+                HostPattern::parse(host).map_err(|m| invalid(format!("allow[{i}].host"), m))?;
             } else if rule.cidrs.is_empty() {
                 return Err(invalid(
                     format!("allow[{i}]"),
@@ -397,7 +375,7 @@ impl Config {
             }
         }
         for (name, addrs) in &self.hosts {
-            crate::policy::normalize_name(name).map_err(|m| invalid(format!("hosts.{name}"), m))?;
+            normalize_name(name).map_err(|m| invalid(format!("hosts.{name}"), m))?;
             if addrs.is_empty() {
                 return Err(invalid(
                     format!("hosts.{name}"),

@@ -1,18 +1,29 @@
-//! egress-proxy: the egress-gate CONNECT proxy. It tunnels pods' TLS to allowlisted
-//! destinations and nothing else (DESIGN.md section 4). The data path reads top to bottom:
-//! [`listener`] accepts within limits, `tunnel` serves one connection, [`connect`] parses
-//! the head and dials, [`policy`] decides, [`respond`] answers, [`relay`] moves the bytes.
+//! egress-proxy: the egress-gate proxy. Pods reach allowlisted destinations through it and
+//! nothing else (DESIGN.md section 4).
+//!
+//! The crate is layered; each module uses only modules above it in this list:
+//! - the floor: [`policy`] (may this target be reached, at which addresses), [`config`] (the
+//!   file, validated), [`dial`] (resolve, check, dial: the one way any upstream connection
+//!   is made), [`metrics`], [`tls`] (listener certificates), [`state`] (the reloadable
+//!   settings and process-wide state every task shares), `accept` (accept-error logging);
+//! - the ways out: [`tunnel`] (CONNECT: head, policy, dial, relay) and [`blob`] (the blob
+//!   gateway; so far its Shared Key signing and verification);
+//! - the front: [`admin`] (health and metrics port) and [`listener`] (accept loops, limits,
+//!   reload and drain), which hands each connection to its way out.
 #![forbid(unsafe_code)]
 
+mod accept;
 pub mod admin;
+pub mod blob;
 pub mod config;
-pub mod connect;
+pub mod dial;
 pub mod listener;
 pub mod metrics;
 pub mod policy;
-pub mod relay;
-pub mod respond;
-mod tunnel;
+pub mod state;
+pub mod tls;
+pub mod tunnel;
 
 pub use config::{Config, ConfigError};
-pub use listener::{Handle, Server, StartError};
+pub use listener::{Handle, Server};
+pub use state::StartError;

@@ -7,18 +7,18 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
 
+use crate::accept::AcceptErrors;
 use crate::config::Config;
-use crate::connect::tune;
-use crate::metrics::{Metrics, ReasonLabel, ResultLabel};
-use crate::policy::Policy;
-use crate::relay;
+use crate::dial::tune;
+use crate::metrics::ReasonLabel;
+use crate::state::{Live, Shared, StartError};
+use crate::{admin, tunnel};
 
 /// Connections accepted beyond `maxTunnels`, only to be told 503: past this many the accept
 /// loop waits for a slot and new clients queue in the kernel backlog, so a flood cannot
@@ -29,148 +29,9 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 /// Longest pause between `accept()` retries: long enough to let descriptors free up, short
 /// enough that recovery is quick.
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
-/// At most one "accept failed" line per this interval: when descriptors run out, accept
-/// fails on every retry, and a line per failure would flood the log.
-const ACCEPT_ERROR_LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// After the drain deadline cuts tunnels, time allowed for tasks still in their head or
 /// connect phase (bounded by their own timeouts) before the process exits anyway.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
-
-/// Settings that can change on reload; every connection takes the version current at accept.
-#[derive(Debug)]
-pub struct Live {
-    /// The access policy.
-    pub policy: Policy,
-    /// `headTimeout`.
-    pub head_timeout: Duration,
-    /// `maxHeadBytes`.
-    pub max_head_bytes: usize,
-    /// `connectTimeout`.
-    pub connect_timeout: Duration,
-    /// `keepalive`.
-    pub keepalive: Duration,
-    /// `idleTimeout` and `maxTunnelDuration`.
-    pub relay_limits: relay::Limits,
-    /// `drainTimeout`.
-    pub drain_timeout: Duration,
-    /// The TLS listener's certificate, re-read on reload.
-    pub tls: Option<Arc<rustls::ServerConfig>>,
-}
-
-/// A start or reload that could not be carried out.
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        /// The address.
-        addr: SocketAddr,
-        /// The error.
-        source: std::io::Error,
-    },
-    /// The TLS certificate or key could not be loaded.
-    #[error("tls: {0}")]
-    Tls(String),
-}
-
-impl Live {
-    /// Compiles the reloadable part of a validated config, reading TLS files.
-    pub fn from_config(c: &Config) -> Result<Self, StartError> {
-        let tls = c.tls.as_ref().map(load_tls).transpose()?;
-        Ok(Self {
-            policy: Policy::from_config(c),
-            head_timeout: c.head_timeout.0,
-            max_head_bytes: c.max_head_bytes,
-            connect_timeout: c.connect_timeout.0,
-            keepalive: c.keepalive.0,
-            relay_limits: relay::Limits {
-                idle: c.idle_timeout.0,
-                max_duration: c.max_tunnel_duration.map(|d| d.0),
-                splice: c.splice,
-            },
-            drain_timeout: c.drain_timeout.0,
-            tls,
-        })
-    }
-}
-
-fn load_tls(t: &crate::config::TlsConfig) -> Result<Arc<rustls::ServerConfig>, StartError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-    let err = |what: &str, path: &std::path::Path, e: &dyn std::fmt::Display| {
-        StartError::Tls(format!("{what} {}: {e}", path.display()))
-    };
-    let certs = CertificateDer::pem_file_iter(&t.cert_file)
-        .map_err(|e| err("cannot read certFile", &t.cert_file, &e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| err("bad certFile", &t.cert_file, &e))?;
-    if certs.is_empty() {
-        return Err(err("no certificate in", &t.cert_file, &"empty"));
-    }
-    let key = PrivateKeyDer::from_pem_file(&t.key_file)
-        .map_err(|e| err("cannot read keyFile", &t.key_file, &e))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| StartError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| StartError::Tls(format!("certificate and key do not match: {e}")))?;
-    Ok(Arc::new(config))
-}
-
-/// State every connection task shares.
-#[derive(Debug)]
-pub struct Shared {
-    /// The current reloadable settings; a watch channel so reload is one atomic swap and a
-    /// connection reads it without locking for longer than an `Arc` clone.
-    live: watch::Sender<Arc<Live>>,
-    /// Metrics.
-    pub metrics: Metrics,
-    /// `maxTunnels` permits; a connection that gets none is answered 503.
-    tunnels: Arc<Semaphore>,
-    /// What `/readyz` reports; false from the first moment of a drain.
-    ready: AtomicBool,
-    /// Set on shutdown: the accept loops stop.
-    draining: watch::Sender<bool>,
-    /// Set when the drain deadline passes: open tunnels are cut.
-    force: watch::Sender<bool>,
-}
-
-impl Shared {
-    /// The settings current now.
-    pub fn live(&self) -> Arc<Live> {
-        self.live.borrow().clone()
-    }
-
-    /// Whether `/readyz` says ready.
-    pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
-    }
-
-    /// Resolves when the drain deadline has passed and open tunnels must be cut.
-    pub async fn force_closed(&self) {
-        wait_true(&mut self.force.subscribe()).await;
-    }
-}
-
-/// Resolves once the flag is true (or its sender is gone). The borrow `wait_for` returns is
-/// not `Send`, so it is dropped here, before any other await.
-async fn wait_true(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|v| *v).await.map(|_| ());
-}
-
-#[cfg(test)]
-pub(crate) fn test_shared(config: &Config) -> Shared {
-    Shared {
-        live: watch::Sender::new(Arc::new(Live::from_config(config).unwrap())),
-        metrics: Metrics::new(),
-        tunnels: Arc::new(Semaphore::new(1)),
-        ready: AtomicBool::new(true),
-        draining: watch::Sender::new(false),
-        force: watch::Sender::new(false),
-    }
-}
 
 /// Controls a running server from outside: reload and shutdown (signals, tests).
 #[derive(Debug, Clone)]
@@ -182,31 +43,19 @@ impl Handle {
     /// Applies a new validated config to new connections; open tunnels are untouched. Fails
     /// (keeping the old settings) when TLS files cannot be loaded.
     pub fn reload(&self, config: &Config) -> Result<(), StartError> {
-        let result = Live::from_config(config).map(|live| {
-            self.shared.live.send_replace(Arc::new(live));
-        });
-        let label = if result.is_ok() { "ok" } else { "error" };
-        self.shared
-            .metrics
-            .reloads
-            .get_or_create(&ResultLabel { result: label })
-            .inc();
+        let result = Live::from_config(config).map(|live| self.shared.replace_live(live));
+        self.shared.count_reload(result.is_ok());
         result
     }
 
     /// Counts a reload that failed before reaching [`Handle::reload`] (a bad file).
     pub fn reload_failed(&self) {
-        self.shared
-            .metrics
-            .reloads
-            .get_or_create(&ResultLabel { result: "error" })
-            .inc();
+        self.shared.count_reload(false);
     }
 
     /// Starts the drain: not ready, stop accepting, let tunnels finish until `drainTimeout`.
     pub fn shutdown(&self) {
-        self.shared.ready.store(false, Ordering::Relaxed);
-        self.shared.draining.send_replace(true);
+        self.shared.start_drain();
     }
 
     /// Tunnels open now.
@@ -245,14 +94,7 @@ impl Server {
             None => None,
         };
         let admin = bind(config.admin_listen).await?;
-        let shared = Arc::new(Shared {
-            live: watch::Sender::new(Arc::new(live)),
-            metrics: Metrics::new(),
-            tunnels: Arc::new(Semaphore::new(config.max_tunnels)),
-            ready: AtomicBool::new(true),
-            draining: watch::Sender::new(false),
-            force: watch::Sender::new(false),
-        });
+        let shared = Arc::new(Shared::new(live, config.max_tunnels));
         Ok(Self {
             plain,
             tls,
@@ -290,7 +132,7 @@ impl Server {
         let shared = self.shared;
         let slots = Arc::new(Semaphore::new(self.max_tunnels + OVERFLOW_SLOTS));
         let (done_tx, mut done_rx) = mpsc::channel::<()>(1);
-        let admin = tokio::spawn(crate::admin::serve(self.admin, shared.clone()));
+        let admin = tokio::spawn(admin::serve(self.admin, shared.clone()));
         let plain = accept_loop(
             self.plain,
             Kind::Plain,
@@ -316,7 +158,7 @@ impl Server {
                 tunnels = shared.metrics.tunnels_active.get(),
                 "drain deadline passed; closing the remaining tunnels"
             );
-            shared.force.send_replace(true);
+            shared.force_close();
             let _ = tokio::time::timeout(FORCE_GRACE, done_rx.recv()).await;
         }
         admin.abort();
@@ -333,49 +175,6 @@ enum Kind {
     Tls,
 }
 
-/// Rate-limits one accept loop's error line: the first failure is logged at once, later
-/// ones at most every [`ACCEPT_ERROR_LOG_INTERVAL`], with the number left out in between.
-#[derive(Debug)]
-pub(crate) struct AcceptErrors {
-    /// The log message, naming the listener.
-    message: &'static str,
-    /// When a line was last written; `None` before the first failure.
-    last_logged: Option<Instant>,
-    /// Failures since that line that were not logged.
-    suppressed: u64,
-}
-
-impl AcceptErrors {
-    /// A limiter for the loop whose failures log `message`.
-    pub(crate) fn new(message: &'static str) -> Self {
-        Self {
-            message,
-            last_logged: None,
-            suppressed: 0,
-        }
-    }
-
-    /// Records a failed `accept()` at `now`; logs it unless a line went out less than the
-    /// interval ago. Returns whether it logged.
-    pub(crate) fn failed(&mut self, error: &std::io::Error, now: Instant) -> bool {
-        let due = self
-            .last_logged
-            .is_none_or(|t| now.duration_since(t) >= ACCEPT_ERROR_LOG_INTERVAL);
-        if !due {
-            self.suppressed += 1;
-            return false;
-        }
-        tracing::warn!(
-            error = %error,
-            suppressed = self.suppressed,
-            "{}", self.message
-        );
-        self.last_logged = Some(now);
-        self.suppressed = 0;
-        true
-    }
-}
-
 async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
@@ -383,7 +182,6 @@ async fn accept_loop(
     slots: Arc<Semaphore>,
     done: mpsc::Sender<()>,
 ) {
-    let mut draining = shared.draining.subscribe();
     let mut backoff = ACCEPT_BACKOFF_MIN;
     let mut errors = AcceptErrors::new("accept failed");
     loop {
@@ -392,7 +190,7 @@ async fn accept_loop(
                 Ok(s) => s,
                 Err(_) => return,
             },
-            () = wait_true(&mut draining) => return,
+            () = shared.draining() => return,
         };
         let (socket, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -404,10 +202,10 @@ async fn accept_loop(
                     continue;
                 }
             },
-            () = wait_true(&mut draining) => return,
+            () = shared.draining() => return,
         };
         backoff = ACCEPT_BACKOFF_MIN;
-        let permit = shared.tunnels.clone().try_acquire_owned().ok();
+        let permit = shared.try_tunnel_permit();
         let shared = shared.clone();
         let done = done.clone();
         tokio::spawn(async move {
@@ -416,7 +214,7 @@ async fn accept_loop(
                 tracing::debug!(error = %e, "cannot tune client socket");
             }
             match (kind, &live.tls) {
-                (Kind::Plain, _) => crate::tunnel::serve(socket, peer, permit, shared).await,
+                (Kind::Plain, _) => tunnel::serve(socket, peer, permit, shared).await,
                 (Kind::Tls, Some(acceptor)) => {
                     // Boxed: the TLS state is large and would otherwise size every plain
                     // tunnel's task too (what an idle tunnel costs is mostly its task).
@@ -435,12 +233,12 @@ async fn tls_serve(
     acceptor: TlsAcceptor,
     socket: TcpStream,
     peer: SocketAddr,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    permit: Option<OwnedSemaphorePermit>,
     live: &Live,
     shared: Arc<Shared>,
 ) {
     match tokio::time::timeout(live.head_timeout, acceptor.accept(socket)).await {
-        Ok(Ok(stream)) => crate::tunnel::serve(stream, peer, permit, shared).await,
+        Ok(Ok(stream)) => tunnel::serve(stream, peer, permit, shared).await,
         Ok(Err(e)) => {
             tracing::debug!(client = %peer, error = %e, "TLS handshake failed");
             count_tls_failure(&shared);
@@ -460,25 +258,4 @@ fn count_tls_failure(shared: &Shared) {
             reason: "tls-handshake".into(),
         })
         .inc();
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn accept_errors_log_once_per_interval() {
-        let mut errors = AcceptErrors::new("accept failed");
-        let e = std::io::Error::from_raw_os_error(24); // EMFILE
-        let t0 = Instant::now();
-        assert!(errors.failed(&e, t0));
-        // Ten a second for nine seconds: none of them logged, all counted.
-        for i in 1..90 {
-            assert!(!errors.failed(&e, t0 + Duration::from_millis(100 * i)));
-        }
-        assert_eq!(errors.suppressed, 89);
-        assert!(errors.failed(&e, t0 + ACCEPT_ERROR_LOG_INTERVAL));
-        assert_eq!(errors.suppressed, 0);
-    }
 }

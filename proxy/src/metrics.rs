@@ -7,8 +7,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::relay::ByteCounters;
-
 /// Connect latency buckets, seconds: a private endpoint in the VNet answers in about a
 /// millisecond, a cross-region one in tens; the top buckets catch timeouts.
 const CONNECT_BUCKETS: [f64; 12] = [
@@ -42,6 +40,16 @@ pub struct DirectionLabel {
 pub struct ResultLabel {
     /// `ok` or `error`.
     pub result: &'static str,
+}
+
+/// Process-wide byte counters (the `bytes_total` metric), updated as bytes move so that a
+/// tunnel open for hours still shows up in the rate.
+#[derive(Debug, Clone, Default)]
+pub struct ByteCounters {
+    /// Client -> upstream.
+    pub up: Counter,
+    /// Upstream -> client.
+    pub down: Counter,
 }
 
 /// All the proxy's metrics.

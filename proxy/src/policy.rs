@@ -1,14 +1,17 @@
 //! The access decision, pure and synchronous: may this target be reached, and at which
-//! addresses. No I/O happens here; `connect.rs` resolves names and dials only what
-//! [`Policy::filter`] returned, so the address checked is the address dialled.
+//! addresses. No I/O happens here; [`crate::dial`] resolves names and dials only what
+//! [`Policy::filter`] returned, so the address checked is the address dialled. The schema of
+//! the rules (`allow` in the config file) is defined here, beside the code that reads it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnet::IpNet;
+use serde::Deserialize;
 
-use crate::config::Config;
+/// HTTPS only: the proxy tunnels TLS, so 443 is the only port allowed unless a rule says more.
+pub const DEFAULT_PORT: u16 = 443;
 
 /// Longest DNS name (RFC 1035 section 2.3.4, without the trailing dot).
 const MAX_NAME_LEN: usize = 253;
@@ -35,6 +38,33 @@ const DEFAULT_DENY: &[(IpAddr, u8)] = &[
     (IpAddr::V6(Ipv6Addr::new(0xfec0, 0, 0, 0, 0, 0, 0, 0)), 10), // old site-local
     (IpAddr::V6(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0)), 8), // multicast
 ];
+
+/// One allow rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AllowRule {
+    /// Exact host name or `*.suffix`; case-insensitive, a trailing dot is ignored. Absent:
+    /// the rule allows IP-literal targets inside `cidrs`.
+    #[serde(default)]
+    pub host: Option<String>,
+    /// Destination ports.
+    #[serde(default = "default_ports")]
+    pub ports: Vec<u16>,
+    /// Private ranges this rule's names may resolve to (Azure private endpoints live in the
+    /// VNet's 10.x space); without a host, the IP literals this rule allows.
+    #[serde(default, rename = "cidrs")]
+    pub cidrs: Vec<IpNet>,
+    /// Every address this rule's names resolve to must lie inside `cidrs`, public addresses
+    /// included: pins a storage account to its private endpoint, so a missing private DNS
+    /// zone is a refusal naming the public address instead of a backup over the internet.
+    /// Off: `cidrs` only opens private ranges and public addresses stay allowed.
+    #[serde(default, rename = "onlyCIDRs")]
+    pub only_cidrs: bool,
+}
+
+fn default_ports() -> Vec<u16> {
+    vec![DEFAULT_PORT]
+}
 
 /// Why a target was refused; each has a stable short name used in the reason header, the
 /// access log and the `denials_total` metric.
@@ -241,11 +271,15 @@ pub struct Policy {
 }
 
 impl Policy {
-    /// Compiles a validated config (invalid host patterns were rejected by validation and are
-    /// skipped here rather than panicking).
-    pub fn from_config(config: &Config) -> Self {
-        let rules = config
-            .allow
+    /// Compiles the allow rules, `denyCIDRs` and `hosts` overrides of a validated config
+    /// (invalid host patterns were rejected by validation and are skipped here rather than
+    /// panicking).
+    pub fn new(
+        allow: &[AllowRule],
+        deny_cidrs: &[IpNet],
+        hosts: &BTreeMap<String, Vec<IpAddr>>,
+    ) -> Self {
+        let rules = allow
             .iter()
             .filter_map(|r| {
                 let host = match &r.host {
@@ -260,8 +294,7 @@ impl Policy {
                 })
             })
             .collect();
-        let hosts = config
-            .hosts
+        let hosts = hosts
             .iter()
             .filter_map(|(k, v)| {
                 let addrs = v.iter().map(IpAddr::to_canonical).collect();
@@ -271,7 +304,7 @@ impl Policy {
         Self {
             rules,
             default_deny: default_deny(),
-            deny: config.deny_cidrs.iter().map(IpNet::trunc).collect(),
+            deny: deny_cidrs.iter().map(IpNet::trunc).collect(),
             hosts,
         }
     }
@@ -516,8 +549,9 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    /// Through the real config parser and validation, so the tests speak the YAML users write.
     fn policy(yaml: &str) -> Policy {
-        Policy::from_config(&Config::parse(yaml, "t").unwrap())
+        crate::config::Config::parse(yaml, "t").unwrap().policy()
     }
     fn name(n: &str, port: u16) -> Target {
         Target {

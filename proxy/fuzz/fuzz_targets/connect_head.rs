@@ -6,7 +6,7 @@
 #![no_main]
 
 use egress_proxy::config::Config;
-use egress_proxy::connect::{parse_authority, parse_head};
+use egress_proxy::tunnel::head::{parse_authority, parse_head};
 use egress_proxy::policy::{Host, Policy, embedded_ipv4};
 use std::net::IpAddr;
 use libfuzzer_sys::fuzz_target;
@@ -20,7 +20,7 @@ fn policy() -> &'static Policy {
             "fuzz",
         )
         .unwrap_or_default();
-        Policy::from_config(&config)
+        config.policy()
     })
 }
 

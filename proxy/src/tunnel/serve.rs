@@ -9,12 +9,13 @@ use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio::time::Instant;
 
-use crate::connect::{self, HeadError};
-use crate::listener::{Live, Shared};
+use super::head::{self, HeadError};
+use super::relay::{self, ClientIo, Close};
+use super::respond::{ESTABLISHED, Reject};
+use crate::dial;
 use crate::metrics::{CodeLabel, ReasonLabel};
 use crate::policy::Target;
-use crate::relay::{self, ClientIo, Close};
-use crate::respond::{ESTABLISHED, Reject};
+use crate::state::{Live, Shared};
 
 /// After an error answer the proxy reads and discards what the client still sends, for at
 /// most this long, so that closing with unread bytes does not turn into a TCP reset that
@@ -120,14 +121,14 @@ async fn establish<C: AsyncRead + Unpin>(
 ) -> Result<(TcpStream, Vec<u8>), Reject> {
     let (req, pipelined) = tokio::time::timeout(
         live.head_timeout,
-        connect::read_head(client, live.max_head_bytes),
+        head::read_head(client, live.max_head_bytes),
     )
     .await
     .map_err(|_| HeadError::Timeout)??;
     entry.target = Some(req.target.clone());
     let grant = live.policy.authorize(&req.target)?;
     let t0 = Instant::now();
-    let (upstream, addr) = connect::connect(
+    let (upstream, addr) = dial::connect(
         &live.policy,
         &grant,
         &req.target,
@@ -170,7 +171,11 @@ async fn open<C: ClientIo>(
     let mut stats = relay::relay(
         client,
         upstream,
-        live.relay_limits,
+        relay::Limits {
+            idle: live.idle_timeout,
+            max_duration: live.max_tunnel_duration,
+            splice: live.splice,
+        },
         &shared.metrics.bytes,
         shared.force_closed(),
     )
@@ -239,7 +244,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let a = l.local_addr().unwrap();
         let c = tokio::net::TcpStream::connect(a).await.unwrap();
-        let shared = std::sync::Arc::new(crate::listener::test_shared(&crate::Config::default()));
+        let shared = std::sync::Arc::new(crate::state::test_shared(&crate::Config::default()));
         let f = super::serve(c, a, None, shared);
         let size = std::mem::size_of_val(&f);
         assert!(size <= 3 * 1024, "serve future is {size} bytes");

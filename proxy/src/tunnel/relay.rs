@@ -14,10 +14,11 @@ use std::net::Shutdown;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+
+use crate::metrics::ByteCounters;
 
 /// First buffer a direction borrows when bytes arrive. Interactive traffic (a TLS record, an
 /// HTTP request) fits; the kernel's loopback and LAN segments are 64 KiB or less.
@@ -86,16 +87,6 @@ pub struct Limits {
     pub max_duration: Option<Duration>,
     /// Move bulk data with splice(2) through a pipe instead of copying it through a buffer.
     pub splice: bool,
-}
-
-/// Process-wide byte counters (the `bytes_total` metric), updated as bytes move so that a
-/// tunnel open for hours still shows up in the rate.
-#[derive(Debug, Clone, Default)]
-pub struct ByteCounters {
-    /// Client -> upstream.
-    pub up: Counter,
-    /// Upstream -> client.
-    pub down: Counter,
 }
 
 /// Per-tunnel bookkeeping shared by the two directions and the idle watcher (all in one

@@ -1,6 +1,7 @@
 //! Every answer the proxy gives a client, in one place: status line, reason header, body.
 
-use crate::connect::{DialError, HeadError};
+use super::head::HeadError;
+use crate::dial::DialError;
 use crate::policy::Denial;
 
 /// Response header carrying the machine-readable reason for any non-200 answer, so a client
