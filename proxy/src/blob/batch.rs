@@ -246,7 +246,18 @@ pub fn rewrite_body(
 }
 
 /// Parses one part: MIME headers, a blank line, then an HTTP/1.1 request without a body.
+/// Lines end in CRLF only: httparse also takes a bare LF, and a line after one could start
+/// with the boundary, which would end the part early once written back with CRLF.
 fn parse_part(bytes: &[u8]) -> Result<Part, BatchError> {
+    let bare_lf = bytes
+        .iter()
+        .enumerate()
+        .any(|(i, &b)| b == b'\n' && (i == 0 || bytes[i - 1] != b'\r'));
+    if bare_lf {
+        return Err(BatchError::Malformed(
+            "a line in a part does not end in CRLF",
+        ));
+    }
     let split =
         find(bytes, b"\r\n\r\n").ok_or(BatchError::Malformed("a part has no blank line"))?;
     let mime = std::str::from_utf8(&bytes[..split])
@@ -416,6 +427,19 @@ mod tests {
             (
                 body(&[one.replace("DELETE /acct", "DELETE\x01 /acct")]),
                 "a part's request head",
+            ),
+            // Found by the fuzzer: after a bare LF, a header named like the boundary
+            // became a delimiter once the part was written back with CRLF.
+            (
+                body(&[one.replace(
+                    "Content-Length: 0\r\n",
+                    &format!("x-ms-date: Sun\n--{B}1: x\r\nContent-Length: 0\r\n"),
+                )]),
+                "a line in a part does not end in CRLF",
+            ),
+            (
+                body(&[one.replace("\r\nContent-ID", "\nContent-ID")]),
+                "a line in a part does not end in CRLF",
             ),
         ];
         for (b, expected) in cases {

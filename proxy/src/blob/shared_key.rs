@@ -111,8 +111,9 @@ pub enum HeaderOrder {
     /// The service's collation ([`service_order`]): what Azure computes, and so what the
     /// gateway signs with.
     Service,
-    /// Plain byte order: what the Go SDK (Velero, Kopia) and Azurite-era clients sign with.
-    /// Differs from the service only for names with `-` or `_` after `x-ms-` where they tie.
+    /// Plain byte order: what the Go SDK (Velero, Kopia) signs with. It differs from the
+    /// service's order only where punctuation decides, as in `x-ms-meta-a-b` and
+    /// `x-ms-meta-ab`.
     Bytes,
 }
 
@@ -147,7 +148,10 @@ pub enum AuthError {
         header: &'static str,
     },
     /// The date is more than [`MAX_CLOCK_SKEW`] from the gateway's clock.
-    #[error("the request date is {skew_secs} s from the gateway's clock (at most 900 s allowed)")]
+    #[error(
+        "the request date is {skew_secs} s from the gateway's clock (at most {} s allowed)",
+        MAX_CLOCK_SKEW.as_secs()
+    )]
     StaleDate {
         /// How far off, in seconds, either way.
         skew_secs: u64,
@@ -460,9 +464,11 @@ mod tests {
         sign(&mut p, "acct", &key).unwrap();
         assert_eq!(verify(&p, "acct", &key, now()), Ok(()));
         let late = now() + MAX_CLOCK_SKEW + Duration::from_secs(1);
+        let e = verify(&p, "acct", &key, late).unwrap_err();
+        assert_eq!(e, AuthError::StaleDate { skew_secs: 901 });
         assert_eq!(
-            verify(&p, "acct", &key, late),
-            Err(AuthError::StaleDate { skew_secs: 901 })
+            e.to_string(),
+            "the request date is 901 s from the gateway's clock (at most 900 s allowed)"
         );
     }
 
