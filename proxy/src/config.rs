@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::blob::operation::Permission;
 use crate::policy::{AllowRule, DEFAULT_PORT, HostPattern, Policy, normalize_name};
 
 /// Where the proxy listens by default. Loopback, so that running the binary without a config
@@ -134,6 +135,165 @@ pub struct Config {
     /// without the private DNS zone, and for tests. The addresses are still checked.
     #[serde(default)]
     pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// The blob gateway (docs/blob-gateway.md): off unless this section names a listener.
+    #[serde(default)]
+    pub blob: Option<BlobConfig>,
+}
+
+/// `blob:`: the gateway that signs Azure Blob requests for workloads holding no real key.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlobConfig {
+    /// Plain HTTP listener; off unless set (the body of a Shared Key request is not signed,
+    /// so production clients should use `tls`).
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// HTTPS listener, with a certificate reloaded like the CONNECT TLS listener's.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+    /// The virtual accounts clients may call; each maps to one real account.
+    pub accounts: Vec<BlobAccountConfig>,
+}
+
+/// One virtual account: what clients call `AccountName`, and what it may reach.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlobAccountConfig {
+    /// The virtual account name, the first path segment of every request.
+    pub name: String,
+    /// File holding the workload's gateway-only key (base64), re-read on every reload so a
+    /// rotated Secret takes effect without a restart.
+    pub client_key_file: PathBuf,
+    /// The only containers reachable through this account.
+    pub containers: Vec<String>,
+    /// Of `read`, `list`, `write`, `delete`; without `delete` a workload cannot destroy its
+    /// own backups.
+    pub permissions: Vec<Permission>,
+    /// The real account behind it.
+    pub upstream: BlobUpstreamConfig,
+}
+
+/// The real storage account a virtual one is served from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BlobUpstreamConfig {
+    /// `https://<account>.blob.core.windows.net`, or a path-style endpoint such as
+    /// `https://127.0.0.1:10000/<account>` (Azurite). Dialled through the `allow` policy.
+    pub endpoint: String,
+    /// The real account name the requests are signed for.
+    pub account: String,
+    /// File holding the real account key (base64), re-read on every reload.
+    pub shared_key_file: PathBuf,
+    /// Extra PEM CA certificates trusted for this upstream, besides the public roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A virtual account name: what Azure allows for account names plus `-`, so names like
+/// `pg-prod` read well; it appears in paths and in the signature, so nothing else.
+fn check_account_name(name: &str) -> Result<(), String> {
+    let ok = (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} must be 1 to 63 characters of a-z, 0-9 and -"
+        ))
+    }
+}
+
+/// Azure's container naming rule: 3 to 63 characters of a-z, 0-9 and single `-`, starting
+/// and ending with a letter or digit.
+fn check_container_name(name: &str) -> Result<(), String> {
+    let bytes = name.as_bytes();
+    let ok = (3..=63).contains(&bytes.len())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+        && bytes.first().is_some_and(u8::is_ascii_alphanumeric)
+        && bytes.last().is_some_and(u8::is_ascii_alphanumeric)
+        && !name.contains("--");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a container name (3 to 63 of a-z, 0-9 and single -)"
+        ))
+    }
+}
+
+impl BlobConfig {
+    /// Checks every constraint serde cannot express; fields are named from `blob.`.
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.listen.is_none() && self.tls.is_none() {
+            return Err(invalid(
+                "blob",
+                "needs listen, tls or both: the gateway has no listener",
+            ));
+        }
+        if self.accounts.is_empty() {
+            return Err(invalid("blob.accounts", "must list at least one account"));
+        }
+        for (i, a) in self.accounts.iter().enumerate() {
+            let at = |f: &str| format!("blob.accounts[{i}].{f}");
+            check_account_name(&a.name).map_err(|m| invalid(at("name"), m))?;
+            if self.accounts[..i].iter().any(|b| b.name == a.name) {
+                return Err(invalid(at("name"), format!("{:?} is listed twice", a.name)));
+            }
+            if a.containers.is_empty() {
+                return Err(invalid(
+                    at("containers"),
+                    "must list at least one container",
+                ));
+            }
+            for (j, c) in a.containers.iter().enumerate() {
+                check_container_name(c).map_err(|m| invalid(at(&format!("containers[{j}]")), m))?;
+            }
+            if a.permissions.is_empty() {
+                return Err(invalid(
+                    at("permissions"),
+                    "must list at least one permission",
+                ));
+            }
+            let up = &a.upstream;
+            let uri: http::Uri = up.endpoint.parse().map_err(|_| {
+                invalid(
+                    at("upstream.endpoint"),
+                    format!("{:?} is not a URL", up.endpoint),
+                )
+            })?;
+            if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+                return Err(invalid(
+                    at("upstream.endpoint"),
+                    format!(
+                        "{:?} is not an http:// or https:// URL with a host",
+                        up.endpoint
+                    ),
+                ));
+            }
+            if uri.query().is_some() || (uri.path().len() > 1 && uri.path().ends_with('/')) {
+                return Err(invalid(
+                    at("upstream.endpoint"),
+                    "must not have a query or end with a slash",
+                ));
+            }
+            if up.account.is_empty()
+                || !up
+                    .account
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+            {
+                return Err(invalid(
+                    at("upstream.account"),
+                    "an Azure account name: lower-case letters and digits",
+                ));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The optional TLS listener.
@@ -212,6 +372,7 @@ impl Default for Config {
             allow: default_allow(),
             deny_cidrs: Vec::new(),
             hosts: BTreeMap::new(),
+            blob: None,
         }
     }
 }
@@ -383,6 +544,9 @@ impl Config {
                 ));
             }
         }
+        if let Some(blob) = &self.blob {
+            blob.validate()?;
+        }
         Ok(())
     }
 }
@@ -533,6 +697,85 @@ hosts:
             .to_string();
         assert!(
             e.starts_with("config file p.yaml:1: field `maxTunnels`"),
+            "{e}"
+        );
+    }
+
+    const BLOB: &str = r#"
+blob:
+  listen: 127.0.0.1:10000
+  tls: {listen: 127.0.0.1:10443, certFile: /c, keyFile: /k}
+  accounts:
+    - name: pg-prod
+      clientKeyFile: /secrets/pg-prod/key
+      containers: [pgbackups]
+      permissions: [read, list, write]
+      upstream:
+        endpoint: https://realacct.blob.core.windows.net
+        account: realacct
+        sharedKeyFile: /secrets/realacct/key
+"#;
+
+    #[test]
+    fn blob_section_parses() {
+        let c = Config::parse(BLOB, "t").unwrap();
+        let b = c.blob.unwrap();
+        assert_eq!(b.listen.unwrap().port(), 10000);
+        assert_eq!(b.tls.unwrap().listen.port(), 10443);
+        let a = &b.accounts[0];
+        assert_eq!(a.name, "pg-prod");
+        assert_eq!(
+            a.permissions,
+            [Permission::Read, Permission::List, Permission::Write]
+        );
+        assert_eq!(a.upstream.account, "realacct");
+        assert!(a.upstream.ca_file.is_none());
+        assert!(Config::parse("", "t").unwrap().blob.is_none());
+    }
+
+    #[test]
+    fn blob_errors_name_the_field() {
+        let e = |from: &str, to: &str| err(&BLOB.replace(from, to));
+        assert!(
+            e(
+                "      permissions: [read, list, write]",
+                "      permissions: [read, own]"
+            )
+            .contains("blob.accounts[0].permissions")
+        );
+        assert!(e("account: realacct", "acount: realacct").contains("acount"));
+        assert!(e("name: pg-prod", "name: PG").contains("`blob.accounts[0].name`"));
+        assert!(
+            e("[pgbackups]", "[pgbackups, Bad_Name]").contains("`blob.accounts[0].containers[1]`")
+        );
+        assert!(e("[pgbackups]", "[]").contains("`blob.accounts[0].containers`"));
+        assert!(e("[read, list, write]", "[]").contains("`blob.accounts[0].permissions`"));
+        assert!(
+            e("https://realacct.blob.core.windows.net", "ftp://x")
+                .contains("`blob.accounts[0].upstream.endpoint`")
+        );
+        assert!(
+            e("https://realacct.blob.core.windows.net", "https://h/acct/")
+                .contains("`blob.accounts[0].upstream.endpoint`")
+        );
+        assert!(
+            e("account: realacct", "account: Real-Acct")
+                .contains("`blob.accounts[0].upstream.account`")
+        );
+        let no_listener = BLOB.replace("  listen: 127.0.0.1:10000\n", "").replace(
+            "  tls: {listen: 127.0.0.1:10443, certFile: /c, keyFile: /k}\n",
+            "",
+        );
+        assert!(err(&no_listener).contains("`blob`: needs listen, tls or both"));
+        let e = Config::parse(
+            &BLOB.replace("pg-prod\n", "pg-prod\n      clientKeyFile: /x\n"),
+            "t",
+        );
+        assert!(e.unwrap_err().to_string().contains("clientKeyFile"));
+        let second = "    - name: pg-prod\n      clientKeyFile: /k\n      containers: [pgbackups]\n      permissions: [read]\n      upstream: {endpoint: https://a.blob.core.windows.net, account: a, sharedKeyFile: /s}\n";
+        let e = err(&format!("{BLOB}{second}"));
+        assert!(
+            e.contains("`blob.accounts[1].name`: \"pg-prod\" is listed twice"),
             "{e}"
         );
     }

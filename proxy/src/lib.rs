@@ -4,10 +4,12 @@
 //! The crate is layered; each module uses only modules above it in this list:
 //! - the floor: [`policy`] (may this target be reached, at which addresses), [`config`] (the
 //!   file, validated), [`dial`] (resolve, check, dial: the one way any upstream connection
-//!   is made), [`metrics`], [`tls`] (listener certificates), [`state`] (the reloadable
-//!   settings and process-wide state every task shares), `accept` (accept-error logging);
+//!   is made), [`metrics`], [`tls`] (listener certificates), the blob gateway's compiled
+//!   accounts and upstream client (`blob::accounts`, `blob::upstream`, over `dial`),
+//!   [`state`] (the reloadable settings and process-wide state every task shares), `accept`
+//!   (accept-error logging);
 //! - the ways out: [`tunnel`] (CONNECT: head, policy, dial, relay) and [`blob`] (the blob
-//!   gateway; so far its Shared Key signing and verification);
+//!   gateway: Shared Key verification, authorization, re-signing, `blob::serve`);
 //! - the front: [`admin`] (health and metrics port) and [`listener`] (accept loops, limits,
 //!   reload and drain), which hands each connection to its way out.
 #![forbid(unsafe_code)]

@@ -18,7 +18,7 @@ use crate::config::Config;
 use crate::dial::tune;
 use crate::metrics::ReasonLabel;
 use crate::state::{Live, Shared, StartError};
-use crate::{admin, tunnel};
+use crate::{admin, blob, tunnel};
 
 /// Connections accepted beyond `maxTunnels`, only to be told 503: past this many the accept
 /// loop waits for a slot and new clients queue in the kernel backlog, so a flood cannot
@@ -32,6 +32,15 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// After the drain deadline cuts tunnels, time allowed for tasks still in their head or
 /// connect phase (bounded by their own timeouts) before the process exits anyway.
 const FORCE_GRACE: Duration = Duration::from_secs(2);
+
+/// The blob gateway's listeners (`blob.listen`, `blob.tls.listen`).
+#[derive(Debug, Default)]
+struct BlobListeners {
+    /// Plain HTTP.
+    plain: Option<TcpListener>,
+    /// HTTPS.
+    tls: Option<TcpListener>,
+}
 
 /// Controls a running server from outside: reload and shutdown (signals, tests).
 #[derive(Debug, Clone)]
@@ -73,6 +82,8 @@ pub struct Server {
     tls: Option<TcpListener>,
     /// The admin listener.
     admin: TcpListener,
+    /// The blob gateway's plain and TLS listeners, when configured.
+    blob: BlobListeners,
     /// State shared with every connection.
     shared: Arc<Shared>,
     /// `maxTunnels`, to size the accept slots.
@@ -94,11 +105,21 @@ impl Server {
             None => None,
         };
         let admin = bind(config.admin_listen).await?;
+        let mut blob = BlobListeners::default();
+        if let Some(b) = &config.blob {
+            if let Some(addr) = b.listen {
+                blob.plain = Some(bind(addr).await?);
+            }
+            if let Some(t) = &b.tls {
+                blob.tls = Some(bind(t.listen).await?);
+            }
+        }
         let shared = Arc::new(Shared::new(live, config.max_tunnels));
         Ok(Self {
             plain,
             tls,
             admin,
+            blob,
             shared,
             max_tunnels: config.max_tunnels,
         })
@@ -112,6 +133,12 @@ impl Server {
     /// The TLS listener's address, if there is one.
     pub fn tls_addr(&self) -> Option<std::io::Result<SocketAddr>> {
         self.tls.as_ref().map(TcpListener::local_addr)
+    }
+
+    /// The blob gateway's plain and TLS listener addresses, when configured.
+    pub fn blob_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+        (addr(&self.blob.plain), addr(&self.blob.tls))
     }
 
     /// The admin listener's address.
@@ -140,12 +167,20 @@ impl Server {
             slots.clone(),
             done_tx.clone(),
         );
-        let tls = async {
-            if let Some(l) = self.tls {
-                accept_loop(l, Kind::Tls, shared.clone(), slots.clone(), done_tx.clone()).await;
+        let optional = |listener: Option<TcpListener>, kind: Kind| {
+            let (shared, slots, done) = (shared.clone(), slots.clone(), done_tx.clone());
+            async move {
+                if let Some(l) = listener {
+                    accept_loop(l, kind, shared, slots, done).await;
+                }
             }
         };
-        tokio::join!(plain, tls);
+        tokio::join!(
+            plain,
+            optional(self.tls, Kind::Tls),
+            optional(self.blob.plain, Kind::Blob),
+            optional(self.blob.tls, Kind::BlobTls),
+        );
         drop(done_tx);
         let drain = shared.live().drain_timeout;
         tracing::info!(
@@ -173,6 +208,10 @@ enum Kind {
     Plain,
     /// CONNECT inside TLS (the client speaks TLS to the proxy first).
     Tls,
+    /// Blob gateway, plain HTTP.
+    Blob,
+    /// Blob gateway, HTTPS.
+    BlobTls,
 }
 
 async fn accept_loop(
@@ -205,7 +244,12 @@ async fn accept_loop(
             () = shared.draining() => return,
         };
         backoff = ACCEPT_BACKOFF_MIN;
-        let permit = shared.try_tunnel_permit();
+        // Gateway connections are bounded by the accept slots; tunnel permits are the
+        // CONNECT path's budget.
+        let permit = match kind {
+            Kind::Plain | Kind::Tls => shared.try_tunnel_permit(),
+            Kind::Blob | Kind::BlobTls => None,
+        };
         let shared = shared.clone();
         let done = done.clone();
         tokio::spawn(async move {
@@ -222,6 +266,13 @@ async fn accept_loop(
                     Box::pin(tls_serve(acceptor, socket, peer, permit, &live, shared)).await;
                 }
                 (Kind::Tls, None) => {}
+                (Kind::Blob, _) => blob::serve::connection(socket, peer, shared).await,
+                (Kind::BlobTls, _) => {
+                    if let Some(config) = live.blob_tls.clone() {
+                        let acceptor = TlsAcceptor::from(config);
+                        Box::pin(blob_tls_serve(acceptor, socket, peer, &live, shared)).await;
+                    }
+                }
             }
             drop(slot);
             drop(done);
@@ -245,6 +296,26 @@ async fn tls_serve(
         }
         Err(_) => {
             tracing::debug!(client = %peer, "TLS handshake timed out");
+            count_tls_failure(&shared);
+        }
+    }
+}
+
+async fn blob_tls_serve(
+    acceptor: TlsAcceptor,
+    socket: TcpStream,
+    peer: SocketAddr,
+    live: &Live,
+    shared: Arc<Shared>,
+) {
+    match tokio::time::timeout(live.head_timeout, acceptor.accept(socket)).await {
+        Ok(Ok(stream)) => blob::serve::connection(stream, peer, shared).await,
+        Ok(Err(e)) => {
+            tracing::debug!(client = %peer, error = %e, "blob gateway TLS handshake failed");
+            count_tls_failure(&shared);
+        }
+        Err(_) => {
+            tracing::debug!(client = %peer, "blob gateway TLS handshake timed out");
             count_tls_failure(&shared);
         }
     }

@@ -127,7 +127,7 @@ fn main() -> ExitCode {
             tracing::error!("{e:#}");
             let usage = e
                 .downcast_ref::<StartError>()
-                .is_some_and(|s| matches!(s, StartError::Tls(_)));
+                .is_some_and(|s| matches!(s, StartError::Tls(_) | StartError::Blob(_)));
             ExitCode::from(if usage { EX_USAGE } else { 1 })
         }
     }
@@ -160,6 +160,10 @@ async fn run(args: Args, config: Config) -> anyhow::Result<()> {
         max_tunnels = config.max_tunnels,
         "egress-proxy listening"
     );
+    if config.blob.is_some() {
+        let (plain, tls) = server.blob_addrs();
+        tracing::info!(listen = ?plain, tls = ?tls, "blob gateway listening");
+    }
     let handle = server.handle();
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
@@ -208,9 +212,10 @@ fn reload(args: &Args, running: &Config, handle: &Handle) {
         || next.log_format != running.log_format
         || next.worker_threads != running.worker_threads
         || next.tls.as_ref().map(|t| t.listen) != running.tls.as_ref().map(|t| t.listen)
+        || blob_listeners(&next) != blob_listeners(running)
     {
         tracing::warn!(
-            "listen, adminListen, tls.listen, maxTunnels, logFormat and workerThreads changes apply at the next restart"
+            "listen, adminListen, tls.listen, blob.listen, blob.tls.listen, maxTunnels, logFormat and workerThreads changes apply at the next restart"
         );
     }
     match handle.reload(&next) {
@@ -219,12 +224,30 @@ fn reload(args: &Args, running: &Config, handle: &Handle) {
     }
 }
 
+/// The blob gateway's listener addresses, which only a restart changes.
+fn blob_listeners(c: &Config) -> Option<(Option<SocketAddr>, Option<SocketAddr>)> {
+    c.blob
+        .as_ref()
+        .map(|b| (b.listen, b.tls.as_ref().map(|t| t.listen)))
+}
+
 /// The bytes of every watched file (config, TLS certificate and key), to notice changes.
 fn fingerprint(args: &Args, running: &Config) -> Vec<Vec<u8>> {
     let mut paths: Vec<&Path> = args.config.iter().map(PathBuf::as_path).collect();
     if let Some(t) = &running.tls {
         paths.push(&t.cert_file);
         paths.push(&t.key_file);
+    }
+    if let Some(b) = &running.blob {
+        if let Some(t) = &b.tls {
+            paths.push(&t.cert_file);
+            paths.push(&t.key_file);
+        }
+        for a in &b.accounts {
+            paths.push(&a.client_key_file);
+            paths.push(&a.upstream.shared_key_file);
+            paths.extend(a.upstream.ca_file.as_deref());
+        }
     }
     paths
         .into_iter()

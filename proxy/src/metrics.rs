@@ -42,6 +42,18 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Labels of `blob_requests_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlobLabels {
+    /// Virtual account, `-` when the path named none that is configured (so a client
+    /// cannot grow the label set).
+    pub account: String,
+    /// Operation (`put-blob`, `blob-batch`...), `-` when refused before it was classified.
+    pub operation: &'static str,
+    /// `forwarded`, or the refusal's reason (`bad-signature`, `permission-denied`...).
+    pub result: &'static str,
+}
+
 /// Process-wide byte counters (the `bytes_total` metric), updated as bytes move so that a
 /// tunnel open for hours still shows up in the rate.
 #[derive(Debug, Clone, Default)]
@@ -68,6 +80,12 @@ pub struct Metrics {
     pub connect_seconds: Histogram,
     /// Config reloads by outcome.
     pub reloads: Family<ResultLabel, Counter>,
+    /// Blob gateway requests by virtual account, operation and result.
+    pub blob_requests: Family<BlobLabels, Counter>,
+    /// Blob gateway request-body bytes forwarded upstream.
+    pub blob_bytes_up: Counter,
+    /// Blob gateway response-body bytes returned to clients.
+    pub blob_bytes_down: Counter,
 }
 
 impl Default for Metrics {
@@ -121,6 +139,24 @@ impl Metrics {
             "Configuration reloads, by result",
             reloads.clone(),
         );
+        let blob_requests = Family::<BlobLabels, Counter>::default();
+        registry.register(
+            "blob_requests",
+            "Blob gateway requests, by virtual account, operation and result",
+            blob_requests.clone(),
+        );
+        let blob_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "blob_bytes",
+            "Blob gateway body bytes, by direction (up: client to storage)",
+            blob_bytes.clone(),
+        );
+        let blob_bytes_up = blob_bytes
+            .get_or_create(&DirectionLabel { direction: "up" })
+            .clone();
+        let blob_bytes_down = blob_bytes
+            .get_or_create(&DirectionLabel { direction: "down" })
+            .clone();
         Self {
             registry,
             tunnels_active,
@@ -129,6 +165,9 @@ impl Metrics {
             bytes,
             connect_seconds,
             reloads,
+            blob_requests,
+            blob_bytes_up,
+            blob_bytes_down,
         }
     }
 

@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
+use crate::blob::accounts::{Accounts, LoadError};
+use crate::blob::upstream::ClientSettings;
 use crate::config::Config;
 use crate::metrics::{Metrics, ResultLabel};
 use crate::policy::Policy;
@@ -38,6 +40,10 @@ pub struct Live {
     pub drain_timeout: Duration,
     /// The TLS listener's certificate, re-read on reload.
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// The blob gateway's accounts, keys re-read on reload; `None` when `blob:` is absent.
+    pub blob: Option<Arc<Accounts>>,
+    /// The blob gateway's TLS listener certificate, re-read on reload.
+    pub blob_tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// A start or reload that could not be carried out.
@@ -54,12 +60,31 @@ pub enum StartError {
     /// The TLS certificate or key could not be loaded.
     #[error("tls: {0}")]
     Tls(#[from] TlsError),
+    /// A blob gateway key or CA file could not be used.
+    #[error(transparent)]
+    Blob(#[from] LoadError),
 }
 
 impl Live {
     /// Compiles the reloadable part of a validated config, reading TLS files.
     pub fn from_config(c: &Config) -> Result<Self, StartError> {
         let tls = c.tls.as_ref().map(load_server_config).transpose()?;
+        let settings = ClientSettings {
+            policy: c.policy(),
+            connect_timeout: c.connect_timeout.0,
+            keepalive: c.keepalive.0,
+        };
+        let blob = c
+            .blob
+            .as_ref()
+            .map(|b| Accounts::load(b, &settings).map(Arc::new))
+            .transpose()?;
+        let blob_tls = c
+            .blob
+            .as_ref()
+            .and_then(|b| b.tls.as_ref())
+            .map(load_server_config)
+            .transpose()?;
         Ok(Self {
             policy: c.policy(),
             head_timeout: c.head_timeout.0,
@@ -71,6 +96,8 @@ impl Live {
             splice: c.splice,
             drain_timeout: c.drain_timeout.0,
             tls,
+            blob,
+            blob_tls,
         })
     }
 }

@@ -16,8 +16,9 @@ const COPY_SOURCE_PREFIX: &str = "x-ms-copy-source";
 /// The header that opens a container to anonymous readers on creation.
 const PUBLIC_ACCESS_HEADER: &str = "x-ms-blob-public-access";
 
-/// A right a virtual account can be given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A right a virtual account can be given (`permissions:` in the config, lower case).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Permission {
     /// Download blobs, read their properties and block lists, read container properties.
     Read,

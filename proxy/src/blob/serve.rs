@@ -1,0 +1,344 @@
+//! One gateway connection and its requests, top to bottom: authenticate the workload,
+//! authorize the operation, rewrite and re-sign for the real account, stream it upstream,
+//! stream the answer back, and write one access-log line when the answer is done. Every
+//! refusal is an Azure-style XML error sent before anything reaches the upstream.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Either, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::accounts::Account;
+use super::batch::{self, BatchError, MAX_BATCH_BODY, PartCheck};
+use super::metered::Metered;
+use super::operation::{Operation, classify};
+use super::shared_key::{self, verify};
+use crate::metrics::BlobLabels;
+use crate::state::Shared;
+
+/// The response body: the upstream's, streamed, or the gateway's own error document.
+type DownBody = Metered<Either<Incoming, Full<Bytes>>>;
+
+/// Serves one client connection (plain or TLS) until it closes, the drain ends it between
+/// requests, or the drain deadline cuts it.
+pub async fn connection<I>(io: I, peer: SocketAddr, shared: Arc<Shared>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let head_timeout = shared.live().head_timeout;
+    let svc_shared = shared.clone();
+    let service = service_fn(move |req| {
+        let shared = svc_shared.clone();
+        async move { Ok::<_, Infallible>(request(req, peer, &shared).await) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => log_connection_end(r, peer),
+        () = shared.draining() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                r = conn.as_mut() => log_connection_end(r, peer),
+                () = shared.force_closed() => {}
+            }
+        }
+    }
+}
+
+fn log_connection_end(result: Result<(), hyper::Error>, peer: SocketAddr) {
+    if let Err(e) = result {
+        tracing::debug!(client = %peer, error = %e, "blob gateway connection ended with an error");
+    }
+}
+
+/// What the access-log line and the metrics say about one request.
+#[derive(Debug)]
+struct Entry {
+    /// Virtual account, `-` until the path names a configured one.
+    account: String,
+    /// Operation name, `-` until classified.
+    operation: &'static str,
+    /// Container, as in the path.
+    container: String,
+    /// `forwarded` or the refusal's reason.
+    result: &'static str,
+    /// Status the client got.
+    status: u16,
+    /// Status the upstream gave, when it was asked.
+    upstream_status: Option<u16>,
+    /// Client address.
+    client: SocketAddr,
+    /// When the request head was complete.
+    start: Instant,
+}
+
+/// A refusal or failure: status, `x-ms-error-code`, short reason, sentence.
+struct Refuse {
+    /// HTTP status.
+    status: StatusCode,
+    /// `x-ms-error-code` and `<Code>`.
+    code: &'static str,
+    /// Stable reason for the log and metrics.
+    reason: &'static str,
+    /// `<Message>`.
+    message: String,
+}
+
+impl Refuse {
+    fn forbidden(code: &'static str, reason: &'static str, message: String) -> Self {
+        Self {
+            status: StatusCode::FORBIDDEN,
+            code,
+            reason,
+            message,
+        }
+    }
+}
+
+/// Handles one request; always answers.
+async fn request(
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    shared: &Arc<Shared>,
+) -> Response<DownBody> {
+    let mut entry = Entry {
+        account: "-".into(),
+        operation: "-",
+        container: "-".into(),
+        result: "forwarded",
+        status: 0,
+        upstream_status: None,
+        client: peer,
+        start: Instant::now(),
+    };
+    let up = Arc::new(AtomicU64::new(0));
+    let result = forward(req, shared, &mut entry, &up).await;
+    let response = match result {
+        Ok(r) => r,
+        Err(refuse) => {
+            entry.result = refuse.reason;
+            error_response(&refuse)
+        }
+    };
+    entry.status = response.status().as_u16();
+    let (parts, body) = response.into_parts();
+    let shared = shared.clone();
+    let body = Metered::new(body, Arc::new(AtomicU64::new(0))).on_end(move |down| {
+        finish(&entry, up.load(Ordering::Relaxed), down, &shared);
+    });
+    Response::from_parts(parts, body)
+}
+
+/// Authenticate, authorize, rewrite, send. Refusals return before anything is sent.
+async fn forward(
+    req: Request<Incoming>,
+    shared: &Shared,
+    entry: &mut Entry,
+    up: &Arc<AtomicU64>,
+) -> Result<Response<Either<Incoming, Full<Bytes>>>, Refuse> {
+    let live = shared.live();
+    let accounts = live.blob.clone().ok_or_else(|| Refuse {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: "ServerBusy",
+        reason: "gateway-off",
+        message: "the blob gateway is not configured".into(),
+    })?;
+    let (mut parts, body) = req.into_parts();
+    let name = parts
+        .uri
+        .path()
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or("")
+        .to_owned();
+    let account: Arc<Account> = accounts.get(&name).ok_or_else(|| {
+        Refuse::forbidden(
+            shared_key::ERROR_CODE,
+            "unknown-account",
+            "the path does not start with a configured account".into(),
+        )
+    })?;
+    entry.account = name.clone();
+    let now = SystemTime::now();
+    verify(&parts, &name, &account.client_key, now)
+        .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))?;
+    let classified = classify(&parts, &name)
+        .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
+    entry.operation = classified.operation.name();
+    entry.container = classified.resource.container.to_owned();
+    account
+        .scope
+        .authorize(&classified)
+        .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
+    let body: super::upstream::UpBody = if classified.operation == Operation::BlobBatch {
+        let new_body = batch_body(&parts, body, &name, &account, now).await?;
+        parts.headers.remove(TRANSFER_ENCODING);
+        parts
+            .headers
+            .insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
+        up.fetch_add(new_body.len() as u64, Ordering::Relaxed);
+        Either::Right(Full::new(Bytes::from(new_body)))
+    } else {
+        Either::Left(Metered::new(body, up.clone()))
+    };
+    account
+        .upstream
+        .rewrite(&mut parts, &name)
+        .map_err(|e| Refuse::forbidden(shared_key::ERROR_CODE, "rewrite-failed", e.to_string()))?;
+    let response = account
+        .client
+        .send(Request::from_parts(parts, body))
+        .await
+        .map_err(|e| {
+            let source = std::error::Error::source(&e).map(ToString::to_string);
+            tracing::warn!(account = %name, error = %e, source = ?source, "blob upstream request failed");
+            Refuse {
+                status: StatusCode::BAD_GATEWAY,
+                code: "UpstreamUnavailable",
+                reason: "upstream-failed",
+                message: format!(
+                    "the gateway could not reach the storage account: {}",
+                    source.unwrap_or_else(|| e.to_string())
+                ),
+            }
+        })?;
+    entry.upstream_status = Some(response.status().as_u16());
+    Ok(response.map(Either::Left))
+}
+
+/// Reads a batch body (bounded), checks, rewrites and re-signs every part.
+async fn batch_body(
+    parts: &http::request::Parts,
+    body: Incoming,
+    name: &str,
+    account: &Account,
+    now: SystemTime,
+) -> Result<Vec<u8>, Refuse> {
+    let refuse = |e: BatchError| {
+        let (status, code) = match &e {
+            BatchError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestBodyTooLarge"),
+            BatchError::Auth { source, .. } => (StatusCode::FORBIDDEN, source.error_code()),
+            BatchError::Refused { source, .. } => (StatusCode::FORBIDDEN, source.error_code()),
+            BatchError::NotBatchable { .. } => {
+                (StatusCode::FORBIDDEN, "AuthorizationPermissionMismatch")
+            }
+            _ => (StatusCode::BAD_REQUEST, "InvalidInput"),
+        };
+        Refuse {
+            status,
+            code,
+            reason: e.reason(),
+            message: e.to_string(),
+        }
+    };
+    let content_type = parts
+        .headers
+        .get(CONTENT_TYPE)
+        .ok_or_else(|| refuse(BatchError::NoBoundary))?
+        .clone();
+    let bytes = Limited::new(body, MAX_BATCH_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.is::<http_body_util::LengthLimitError>() {
+                refuse(BatchError::TooLarge)
+            } else {
+                refuse(BatchError::Malformed("the body could not be read"))
+            }
+        })?
+        .to_bytes();
+    let check = PartCheck {
+        virtual_account: name,
+        client_key: &account.client_key,
+        scope: &account.scope,
+        upstream: &account.upstream,
+        now,
+    };
+    batch::rewrite_body(&bytes, &content_type, &check).map_err(refuse)
+}
+
+/// An Azure-style error: status, `x-ms-error-code`, and the XML `<Error>` document.
+fn error_response(r: &Refuse) -> Response<Either<Incoming, Full<Bytes>>> {
+    let body = format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{}</Code><Message>{}</Message></Error>",
+        r.code,
+        xml_escape(&r.message)
+    );
+    let mut response = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *response.status_mut() = r.status;
+    let h = response.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/xml"));
+    h.insert("x-ms-error-code", HeaderValue::from_static(r.code));
+    response
+}
+
+/// Escapes text for an XML element (the message may quote a client's container name).
+fn xml_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&apos;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Writes the access-log line and counts the metrics, once the response body is done.
+fn finish(entry: &Entry, bytes_up: u64, bytes_down: u64, shared: &Shared) {
+    tracing::info!(
+        kind = "blob",
+        account = %entry.account,
+        operation = entry.operation,
+        container = %entry.container,
+        result = entry.result,
+        status = entry.status,
+        upstream_status = entry.upstream_status,
+        bytes_up,
+        bytes_down,
+        latency_ms = entry.start.elapsed().as_secs_f64() * 1000.0,
+        client = %entry.client,
+        "blob request"
+    );
+    let m = &shared.metrics;
+    m.blob_requests
+        .get_or_create(&BlobLabels {
+            account: entry.account.clone(),
+            operation: entry.operation,
+            result: entry.result,
+        })
+        .inc();
+    m.blob_bytes_up.inc_by(bytes_up);
+    m.blob_bytes_down.inc_by(bytes_down);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn xml_messages_are_escaped() {
+        assert_eq!(
+            xml_escape("container \"<a&b>\" isn't"),
+            "container &quot;&lt;a&amp;b&gt;&quot; isn&apos;t"
+        );
+    }
+}
