@@ -94,6 +94,11 @@ async fn upstream(tls: Arc<rustls::ServerConfig>) -> (SocketAddr, Arc<Mutex<Vec<
 /// A gateway with a plain and a TLS listener; `pg-prod` may read, list and write
 /// `pgbackups` (no delete) on `realacct` behind `upstream`.
 struct Gateway {
+    /// The config it runs, for reloads.
+    config: Config,
+    /// Where its key files are.
+    dir: std::path::PathBuf,
+    handle: egress_proxy::Handle,
     plain: SocketAddr,
     tls: SocketAddr,
     admin: SocketAddr,
@@ -144,8 +149,12 @@ blob:
     let server = Server::bind(&config).await.unwrap();
     let (plain, tls) = server.blob_addrs();
     let admin = server.admin_addr().unwrap();
+    let handle = server.handle();
     tokio::spawn(server.run());
     Gateway {
+        config,
+        dir,
+        handle,
         plain: plain.unwrap(),
         tls: tls.unwrap(),
         admin,
@@ -397,6 +406,29 @@ async fn refusals_are_azure_errors_and_never_reach_the_upstream() {
             >= 2.0
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_rotated_client_key_takes_effect_on_reload() {
+    let gw = gateway().await;
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", gw.plain);
+    let new_key = BASE64.encode(b"the rotated gateway-only key of pg-prod");
+    let get = |key| Req {
+        key,
+        ..Req::new("GET", "/pg-prod/pgbackups/x")
+    };
+    assert_eq!(send(&client, &base, &get(CLIENT_KEY)).await.status(), 200);
+    std::fs::write(gw.dir.join("client.key"), &new_key).unwrap();
+    // Not re-read until the reload: the running key still holds.
+    assert_eq!(send(&client, &base, &get(CLIENT_KEY)).await.status(), 200);
+    gw.handle.reload(&gw.config).unwrap();
+    assert_eq!(send(&client, &base, &get(CLIENT_KEY)).await.status(), 403);
+    assert_eq!(send(&client, &base, &get(&new_key)).await.status(), 200);
+    // A reload that cannot read a key keeps the running settings.
+    std::fs::write(gw.dir.join("client.key"), "").unwrap();
+    assert!(gw.handle.reload(&gw.config).is_err());
+    assert_eq!(send(&client, &base, &get(&new_key)).await.status(), 200);
 }
 
 #[test]
