@@ -87,7 +87,24 @@ for _ in $(seq 100); do
 done
 grep -q "successfully listens" azurite.log || { echo "blob-gateway: Azurite did not start" >&2; exit 1; }
 
-"$venv/bin/python" "$here/blob_gateway.py" "https://localhost:$gw_port" "$client_key" "$real_key" "$ro_key" "$run/ca.crt"
+gw_args=("https://localhost:$gw_port" "$client_key" "$real_key" "$ro_key" "$run/ca.crt")
+"$venv/bin/python" "$here/blob_gateway.py" "${gw_args[@]}"
+
+# Memory stays flat however large the upload: one Put Blob of BIG_MIB MiB (one request,
+# one body, as barman sends WAL segments) while the proxy's RSS is sampled every 50 ms.
+big_mib=${BIG_MIB:-256}
+proxy_pid=${pids[1]}
+rss() { awk '/^VmRSS/ { print $2 }' "/proc/$proxy_pid/status"; }
+rss_before=$(rss)
+(while :; do rss >>rss.samples; sleep 0.05; done) &
+sampler=$!
+pids+=("$sampler")
+"$venv/bin/python" "$here/blob_gateway.py" "${gw_args[@]}" big "$big_mib"
+kill "$sampler"
+rss_max=$(sort -n rss.samples | tail -n1)
+growth_kib=$((rss_max - rss_before))
+echo "blob-gateway: ${big_mib} MiB Put Blob: proxy RSS ${rss_before} KiB before, ${rss_max} KiB at most ($(wc -l <rss.samples) samples), growth ${growth_kib} KiB"
+((growth_kib < 16 * 1024)) || { echo "blob-gateway: RSS grew ${growth_kib} KiB (limit 16 MiB)" >&2; exit 1; }
 
 # Nothing of any refused request reached Azurite: no marker in its debug log.
 grep -q "pgbackups" azurite-debug.log || { echo "blob-gateway: Azurite's debug log shows no traffic at all" >&2; exit 1; }

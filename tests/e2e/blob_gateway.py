@@ -7,6 +7,8 @@ accepting the re-signed request is the proof of the signature); every negative m
 debug log by the marker each negative carries in its path.
 
 Usage: blob_gateway.py GATEWAY_URL CLIENT_KEY REAL_KEY RO_KEY CA_FILE
+       blob_gateway.py GATEWAY_URL CLIENT_KEY REAL_KEY RO_KEY CA_FILE big MIB
+The second form sends one Put Blob of MIB MiB (the caller samples the proxy's RSS meanwhile).
 """
 
 import base64
@@ -37,6 +39,30 @@ def container(account="pg-prod", key=client_key, name="pgbackups"):
 
 
 results = {}
+
+if sys.argv[6:7] == ["big"]:
+    size = int(sys.argv[7]) * 1024 * 1024
+    big = ContainerClient.from_connection_string(
+        conn_str("pg-prod", client_key), "pgbackups", max_single_put_size=size + 1
+    )
+    chunk = os.urandom(1024 * 1024)
+
+    class Source:
+        """size bytes, read as the SDK asks, never held whole."""
+
+        def __init__(self):
+            self.left = size
+
+        def read(self, n=-1):
+            n = self.left if n is None or n < 0 else min(n, self.left)
+            self.left -= n
+            return (chunk * (n // len(chunk) + 1))[:n]
+
+    big.upload_blob("big/upload", Source(), length=size)
+    got = big.get_blob_client("big/upload").get_blob_properties().size
+    assert got == size, (got, size)
+    print(json.dumps({"big_put_blob_bytes": got}))
+    sys.exit(0)
 
 # Positive: create, upload (single put and staged blocks), list, download, batch delete.
 c = container()
