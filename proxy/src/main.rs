@@ -2,6 +2,7 @@
 //! the server, and turns signals and file changes into shutdown and reload.
 #![forbid(unsafe_code)]
 
+mod cli_blob;
 mod cli_check;
 
 use std::io::IsTerminal;
@@ -64,6 +65,17 @@ enum Offline {
         #[arg(value_name = "HOST:PORT")]
         target: String,
     },
+    /// Blob gateway helpers.
+    #[command(subcommand)]
+    Blob(BlobCommand),
+}
+
+/// `egress-proxy blob ...`.
+#[derive(Debug, Subcommand)]
+enum BlobCommand {
+    /// Print a fresh client key for a virtual account and, ready to apply, the CNPG Secret
+    /// and ObjectStore and the Velero Secret and BackupStorageLocation that use it.
+    ClientConfig(cli_blob::ClientConfigArgs),
 }
 
 impl Args {
@@ -104,6 +116,9 @@ fn main() -> ExitCode {
         Some(Offline::Completion { .. }) => {}
         Some(Offline::CheckConfig) => return cli_check::check_config(&config),
         Some(Offline::Check { target }) => return cli_check::check(&config, target),
+        Some(Offline::Blob(BlobCommand::ClientConfig(a))) => {
+            return cli_blob::client_config(&config, a);
+        }
         None => {}
     }
     init_tracing(config.log_format);

@@ -462,3 +462,76 @@ fn an_unreadable_key_file_stops_the_start_with_exit_64_naming_the_field() {
         );
     }
 }
+
+/// Runs `egress-proxy blob client-config` with `extra` arguments against `yaml`.
+fn client_config(yaml: &str, extra: &[&str]) -> std::process::Output {
+    let dir = temp_dir("blob-cc");
+    let config = dir.join("proxy.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    std::process::Command::new(env!("CARGO_BIN_EXE_egress-proxy"))
+        .args(["blob", "client-config", "--config"])
+        .arg(&config)
+        .args(extra)
+        .env_remove("EGRESS_PROXY_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn client_config_prints_a_fresh_key_and_objects_ready_to_apply() {
+    let yaml = "blob:\n  listen: 0.0.0.0:10000\n  tls: {listen: 0.0.0.0:10443, certFile: /c, keyFile: /k}\n  accounts:\n    - name: pg-prod\n      clientKeyFile: /secrets/pg-prod/key\n      containers: [pgbackups]\n      permissions: [read]\n      upstream: {endpoint: https://realacct.blob.core.windows.net, account: realacct, sharedKeyFile: /s}\n";
+    let out = client_config(yaml, &["--account", "pg-prod", "--namespace", "infra"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("/secrets/pg-prod/key"), "{stderr}");
+    let conn = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("  AZURE_STORAGE_CONNECTION_STRING: \""))
+        .unwrap()
+        .trim_end_matches('"');
+    let fields: std::collections::HashMap<&str, &str> = conn
+        .split(';')
+        .filter(|f| !f.is_empty())
+        .map(|f| f.split_once('=').unwrap())
+        .collect();
+    assert_eq!(fields["AccountName"], "pg-prod");
+    assert_eq!(fields["DefaultEndpointsProtocol"], "https");
+    assert_eq!(
+        fields["BlobEndpoint"],
+        "https://egress-gate-blob.infra.svc:10443/pg-prod"
+    );
+    let key = fields["AccountKey"];
+    assert_eq!(BASE64.decode(key).unwrap().len(), 64);
+    AccountKey::from_base64(key).unwrap();
+    for expected in [
+        "destinationPath: https://egress-gate-blob.infra.svc:10443/pg-prod/pgbackups/",
+        "endpointCA: {name: egress-gate-blob-ca, key: ca.crt}",
+        "storageAccount: pg-prod",
+        "storageAccountURI: https://egress-gate-blob.infra.svc:10443/pg-prod",
+        "storageAccountKeyEnvVar: AZURE_STORAGE_ACCOUNT_ACCESS_KEY",
+        &format!("AZURE_STORAGE_ACCOUNT_ACCESS_KEY={key}"),
+        "bucket: pgbackups",
+    ] {
+        assert!(stdout.contains(expected), "{expected}\n{stdout}");
+    }
+    // Every run makes a new key.
+    let again = String::from_utf8(client_config(yaml, &["--account", "pg-prod"]).stdout).unwrap();
+    assert!(!again.contains(key));
+    // Plain HTTP without tls: no CA references.
+    let plain = yaml.replace(
+        "  tls: {listen: 0.0.0.0:10443, certFile: /c, keyFile: /k}\n",
+        "",
+    );
+    let out = client_config(&plain, &["--account", "pg-prod"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(stdout.contains("BlobEndpoint=http://egress-gate-blob.egress-gate.svc:10000/pg-prod;"));
+    assert!(!stdout.contains("ca.crt"), "{stdout}");
+    // An account that is not configured, or no blob section: exit 64 saying so.
+    let out = client_config(yaml, &["--account", "nope"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no account \"nope\""));
+    let out = client_config("", &["--account", "pg-prod"]);
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no blob: section"));
+}

@@ -43,10 +43,8 @@ openssl x509 -req -in tls.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 \
 
 key() { head -c 64 /dev/urandom | base64 -w0; }
 real_key=$(key)
-client_key=$(key)
 ro_key=$(key)
 printf '%s\n' "$real_key" >real.key
-printf '%s\n' "$client_key" >client.key
 printf '%s\n' "$ro_key" >ro.key
 
 AZURITE_ACCOUNTS="realacct:$real_key" "$azurite" --blobHost 127.0.0.1 --blobPort "$az_port" \
@@ -78,6 +76,15 @@ blob:
       permissions: [read, list]
       upstream: *up
 YAML
+# pg-prod's key and connection string come from `egress-proxy blob client-config`, as a
+# user gets them; the SDK's positive calls use that connection string unchanged.
+"$proxy" blob client-config --account pg-prod --config proxy.yaml \
+  --endpoint "https://localhost:$gw_port" >client-config.yaml 2>client-config.err
+conn=$(sed -n 's/^  AZURE_STORAGE_CONNECTION_STRING: "\(.*\)"$/\1/p' client-config.yaml)
+client_key=$(sed -n 's/.*;AccountKey=\([^;]*\);.*/\1/p' <<<"$conn")
+[[ -n $client_key ]] || { echo "blob-gateway: no connection string from client-config" >&2; exit 1; }
+printf '%s\n' "$client_key" >client.key
+export CLIENT_CONNECTION_STRING=$conn
 "$proxy" --config proxy.yaml >proxy.log 2>&1 &
 pids+=($!)
 

@@ -64,8 +64,9 @@ if sys.argv[6:7] == ["big"]:
     print(json.dumps({"big_put_blob_bytes": got}))
     sys.exit(0)
 
-# Positive: create, upload (single put and staged blocks), list, download, batch delete.
-c = container()
+# Positive: create, upload (single put and staged blocks), list, download, batch delete,
+# with the connection string `egress-proxy blob client-config` printed.
+c = ContainerClient.from_connection_string(os.environ["CLIENT_CONNECTION_STRING"], "pgbackups")
 c.create_container()
 payload = os.urandom(5 * 1024 * 1024 + 3)
 c.upload_blob("wals/000000010000000000000001", payload, metadata={"test_a": "1", "Test_B": "2", "test_": "3"})
