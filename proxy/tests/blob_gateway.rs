@@ -37,6 +37,8 @@ struct Seen {
     path: String,
     signed_ok: bool,
     body_len: usize,
+    /// Whether an `Expect` header arrived (the gateway must answer it itself).
+    expect: bool,
 }
 
 /// An HTTPS upstream for path-style account `realacct`: verifies the signature with the
@@ -67,6 +69,7 @@ async fn upstream(tls: Arc<rustls::ServerConfig>) -> (SocketAddr, Arc<Mutex<Vec<
                             path: parts.uri.to_string(),
                             signed_ok,
                             body_len: body.len(),
+                            expect: parts.headers.contains_key("expect"),
                         });
                         let (status, text) = match (signed_ok, parts.method.as_str()) {
                             (false, _) => (403, "bad signature"),
@@ -238,7 +241,7 @@ async fn signed_requests_are_re_signed_with_the_real_key_and_streamed_both_ways(
     let base = format!("http://{}", gw.plain);
     let mut put = Req::new("PUT", "/pg-prod/pgbackups/wals/0001");
     put.body = vec![7u8; 3 * 1024 * 1024 + 17];
-    put.extra = vec![("x-ms-blob-type", "BlockBlob")];
+    put.extra = vec![("x-ms-blob-type", "BlockBlob"), ("expect", "100-continue")];
     let r = send(&plain, &base, &put).await;
     assert_eq!(r.status(), 201, "{:?}", r.text().await);
     let get = Req::new("GET", "/pg-prod/pgbackups/wals/0001");
@@ -267,6 +270,10 @@ async fn signed_requests_are_re_signed_with_the_real_key_and_streamed_both_ways(
     assert_eq!(seen[0].method, "PUT");
     assert_eq!(seen[0].path, "/realacct/pgbackups/wals/0001");
     assert_eq!(seen[0].body_len, 3 * 1024 * 1024 + 17);
+    assert!(
+        !seen[0].expect,
+        "Expect is answered by the gateway, not forwarded"
+    );
     assert_eq!(
         seen[2].path,
         "/realacct/pgbackups?restype=container&comp=list&prefix=wals%2F"

@@ -26,6 +26,19 @@ use super::shared_key::{self, verify};
 use crate::metrics::BlobLabels;
 use crate::state::Shared;
 
+/// Hop-by-hop headers (RFC 9110 section 7.6.1) and `Expect`: they describe the client's
+/// connection to the gateway, which answers `100 Continue` itself, not the upstream leg.
+/// None of them is signed, so dropping them leaves the signature intact.
+const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "expect",
+];
+
 /// The response body: the upstream's, streamed, or the gateway's own error document.
 type DownBody = Metered<Either<Incoming, Full<Bytes>>>;
 
@@ -195,6 +208,9 @@ async fn forward(
     } else {
         Either::Left(Metered::new(body, up.clone()))
     };
+    for header in HOP_BY_HOP {
+        parts.headers.remove(header);
+    }
     account
         .upstream
         .rewrite(&mut parts, &name)
