@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
-use common::{pki, server_tls, temp_dir};
+use common::{pki, server_tls};
 use egress_proxy::blob::shared_key::{AccountKey, sign, verify};
 use egress_proxy::{Config, Server};
 use http_body_util::{BodyExt, Full};
@@ -99,8 +99,8 @@ async fn upstream(tls: Arc<rustls::ServerConfig>) -> (SocketAddr, Arc<Mutex<Vec<
 struct Gateway {
     /// The config it runs, for reloads.
     config: Config,
-    /// Where its key files are.
-    dir: std::path::PathBuf,
+    /// Where its key files are; removed when the test ends.
+    dir: tempfile::TempDir,
     handle: egress_proxy::Handle,
     plain: SocketAddr,
     tls: SocketAddr,
@@ -110,7 +110,8 @@ struct Gateway {
 }
 
 async fn gateway() -> Gateway {
-    let dir = temp_dir("blob-gw");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_owned();
     let upstream_pki = pki(&["127.0.0.1"]);
     let (up, seen) = upstream(server_tls(&upstream_pki)).await;
     let gw_pki = pki(&["localhost"]);
@@ -156,7 +157,7 @@ blob:
     tokio::spawn(server.run());
     Gateway {
         config,
-        dir,
+        dir: tmp,
         handle,
         plain: plain.unwrap(),
         tls: tls.unwrap(),
@@ -426,21 +427,22 @@ async fn a_rotated_client_key_takes_effect_on_reload() {
         ..Req::new("GET", "/pg-prod/pgbackups/x")
     };
     assert_eq!(send(&client, &base, &get(CLIENT_KEY)).await.status(), 200);
-    std::fs::write(gw.dir.join("client.key"), &new_key).unwrap();
+    std::fs::write(gw.dir.path().join("client.key"), &new_key).unwrap();
     // Not re-read until the reload: the running key still holds.
     assert_eq!(send(&client, &base, &get(CLIENT_KEY)).await.status(), 200);
     gw.handle.reload(&gw.config).unwrap();
     assert_eq!(send(&client, &base, &get(CLIENT_KEY)).await.status(), 403);
     assert_eq!(send(&client, &base, &get(&new_key)).await.status(), 200);
     // A reload that cannot read a key keeps the running settings.
-    std::fs::write(gw.dir.join("client.key"), "").unwrap();
+    std::fs::write(gw.dir.path().join("client.key"), "").unwrap();
     assert!(gw.handle.reload(&gw.config).is_err());
     assert_eq!(send(&client, &base, &get(&new_key)).await.status(), 200);
 }
 
 #[test]
 fn an_unreadable_key_file_stops_the_start_with_exit_64_naming_the_field() {
-    let dir = temp_dir("blob-gw-key");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
     std::fs::write(dir.join("real.key"), REAL_KEY).unwrap();
     std::fs::write(dir.join("client.key"), "not base64 !!\n").unwrap();
     let config = dir.join("proxy.yaml");
@@ -472,8 +474,8 @@ fn an_unreadable_key_file_stops_the_start_with_exit_64_naming_the_field() {
 
 /// Runs `egress-proxy blob client-config` with `extra` arguments against `yaml`.
 fn client_config(yaml: &str, extra: &[&str]) -> std::process::Output {
-    let dir = temp_dir("blob-cc");
-    let config = dir.join("proxy.yaml");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
     std::fs::write(&config, yaml).unwrap();
     std::process::Command::new(env!("CARGO_BIN_EXE_egress-proxy"))
         .args(["blob", "client-config", "--config"])
