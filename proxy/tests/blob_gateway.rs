@@ -544,3 +544,29 @@ fn client_config_prints_a_fresh_key_and_objects_ready_to_apply() {
     assert_eq!(out.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no blob: section"));
 }
+
+#[tokio::test]
+async fn an_upstream_the_policy_refuses_is_a_502_naming_the_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path().display();
+    std::fs::write(tmp.path().join("client.key"), CLIENT_KEY).unwrap();
+    std::fs::write(tmp.path().join("real.key"), REAL_KEY).unwrap();
+    // The only rule opens another port than the upstream's.
+    let yaml = format!(
+        "listen: 127.0.0.1:0\nadminListen: 127.0.0.1:0\nconnectTimeout: 1s\nallow:\n  - cidrs: [127.0.0.1/32]\n    ports: [9]\nblob:\n  listen: 127.0.0.1:0\n  accounts:\n    - name: pg-prod\n      clientKeyFile: {d}/client.key\n      containers: [pgbackups]\n      permissions: [read]\n      upstream: {{endpoint: 'https://127.0.0.1:10/realacct', account: realacct, sharedKeyFile: {d}/real.key}}\n"
+    );
+    let config = Config::parse(&yaml, "test").unwrap();
+    let server = Server::bind(&config).await.unwrap();
+    let plain = server.blob_addrs().0.unwrap();
+    tokio::spawn(server.run());
+    let r = send(
+        &reqwest::Client::new(),
+        &format!("http://{plain}"),
+        &Req::new("GET", "/pg-prod/pgbackups/x"),
+    )
+    .await;
+    assert_eq!(r.status(), 502);
+    assert_eq!(r.headers()["x-ms-error-code"], "UpstreamUnavailable");
+    let text = r.text().await.unwrap();
+    assert!(text.contains("policy refuses"), "{text}");
+}
