@@ -12,6 +12,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::identity::{IdentityConfig, config::validate_from};
 use crate::policy::{AllowRule, DEFAULT_PORT, HostPattern, Policy, normalize_name};
 
 /// Where the proxy listens by default. Loopback, so that running the binary without a config
@@ -134,6 +135,10 @@ pub struct Config {
     /// without the private DNS zone, and for tests. The addresses are still checked.
     #[serde(default)]
     pub hosts: BTreeMap<String, Vec<IpAddr>>,
+    /// Workload identity (which pod is calling). Absent: no Kubernetes client at all, and
+    /// no rule may have `from:`.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
 }
 
 /// The optional TLS listener.
@@ -189,6 +194,7 @@ fn default_allow() -> Vec<AllowRule> {
         ports: vec![DEFAULT_PORT],
         cidrs: Vec::new(),
         only_cidrs: false,
+        from: Vec::new(),
     }]
 }
 
@@ -212,6 +218,7 @@ impl Default for Config {
             allow: default_allow(),
             deny_cidrs: Vec::new(),
             hosts: BTreeMap::new(),
+            identity: None,
         }
     }
 }
@@ -373,6 +380,8 @@ impl Config {
             if rule.ports.contains(&0) {
                 return Err(invalid(format!("allow[{i}].ports"), "0 is not a port"));
             }
+            validate_from(&rule.from, self.identity.as_ref())
+                .map_err(|(field, m)| invalid(format!("allow[{i}].{field}"), m))?;
         }
         for (name, addrs) in &self.hosts {
             normalize_name(name).map_err(|m| invalid(format!("hosts.{name}"), m))?;
@@ -382,6 +391,11 @@ impl Config {
                     "needs at least one address",
                 ));
             }
+        }
+        if let Some(identity) = &self.identity {
+            identity
+                .validate()
+                .map_err(|(field, m)| invalid(format!("identity.{field}"), m))?;
         }
         Ok(())
     }
@@ -533,6 +547,95 @@ hosts:
             .to_string();
         assert!(
             e.starts_with("config file p.yaml:1: field `maxTunnels`"),
+            "{e}"
+        );
+    }
+
+    const IDENTITY: &str = r#"
+identity:
+  podSelector: egress-gate.io/client=true
+  namespaces: [db-a, velero]
+  unknownWait: 500ms
+  unidentified: global
+allow:
+  - host: acct-a.blob.core.windows.net
+    cidrs: [10.20.0.0/16]
+    from:
+      - namespaces: [db-a]
+        podLabels: {cnpg.io/cluster: pg-a}
+      - serviceAccounts: [velero/velero]
+  - host: shared.blob.core.windows.net
+"#;
+
+    #[test]
+    fn identity_section_and_from_parse() {
+        let c = Config::parse(IDENTITY, "t").unwrap();
+        let identity = c.identity.as_ref().unwrap();
+        assert_eq!(identity.namespaces, vec!["db-a", "velero"]);
+        assert_eq!(identity.unknown_wait.0, Duration::from_millis(500));
+        assert_eq!(identity.unidentified, crate::identity::Unidentified::Global);
+        assert_eq!(c.allow[0].from.len(), 2);
+        assert_eq!(c.allow[0].from[1].service_accounts, vec!["velero/velero"]);
+        assert!(c.allow[1].from.is_empty());
+        let c = Config::parse("identity: {}", "t").unwrap();
+        let identity = c.identity.unwrap();
+        assert_eq!(identity.pod_selector, "egress-gate.io/client=true");
+        assert_eq!(identity.unknown_wait.0, Duration::from_secs(2));
+        assert_eq!(identity.unidentified, crate::identity::Unidentified::Deny);
+        assert!(Config::parse("", "t").unwrap().identity.is_none());
+    }
+
+    #[test]
+    fn rules_with_from_grant_nothing_to_an_unidentified_connection() {
+        let policy = Config::parse(IDENTITY, "t").unwrap().policy();
+        let target = |h: &str| crate::policy::Target {
+            host: crate::policy::Host::Name(h.to_owned()),
+            port: 443,
+        };
+        assert_eq!(
+            policy
+                .authorize(&target("acct-a.blob.core.windows.net"))
+                .err(),
+            Some(crate::policy::Denial::HostNotAllowed)
+        );
+        assert!(
+            policy
+                .authorize(&target("shared.blob.core.windows.net"))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn identity_errors_name_the_field() {
+        assert!(err("identity: {podSelectr: a=b}").contains("podSelectr"));
+        assert!(err("identity: {unidentified: allow}").contains("identity.unidentified"));
+        assert!(err("identity: {unknownWait: 1m}").contains("`identity.unknownWait`"));
+        assert!(err("identity: {podSelector: ''}").contains("`identity.podSelector`"));
+        assert!(err("identity: {podSelector: 'a in (b)'}").contains("`identity.podSelector`"));
+        assert!(err("identity: {namespaces: [Db]}").contains("`identity.namespaces[0]`"));
+        assert!(
+            err("allow: [{host: x.com, from: [{namespaces: [a]}]}]")
+                .contains("`allow[0].from`: needs the identity: section")
+        );
+        assert!(
+            err("identity: {}\nallow: [{host: x.com, from: [{}]}]").contains("`allow[0].from[0]`")
+        );
+        assert!(
+            err("identity: {}\nallow: [{host: x.com, from: [{podLabels: {'a/': b}}]}]")
+                .contains("`allow[0].from[0].podLabels.a/`")
+        );
+        assert!(
+            err("identity: {}\nallow: [{host: x.com, from: [{namespace: [a]}]}]")
+                .contains("namespace")
+        );
+        let e = Config::parse(
+            "identity:\n  namespaces: [db-a]\nallow:\n  - host: x.com\n    from:\n      - serviceAccounts: [db-b/pg]\n",
+            "p.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("config file p.yaml:6: field `allow[0].from[0].serviceAccounts[0]`"),
             "{e}"
         );
     }

@@ -2,7 +2,8 @@
 //! nothing else (DESIGN.md section 4).
 //!
 //! The crate is layered; each module uses only modules above it in this list:
-//! - the floor: [`policy`] (may this target be reached, at which addresses), [`config`] (the
+//! - the floor: [`policy`] (may this target be reached, at which addresses), [`identity`]
+//!   (which pod is calling: its config schema so far), [`config`] (the
 //!   file, validated), [`dial`] (resolve, check, dial: the one way any upstream connection
 //!   is made), [`metrics`], [`tls`] (listener certificates), [`state`] (the reloadable
 //!   settings and process-wide state every task shares), `accept` (accept-error logging);
@@ -17,6 +18,7 @@ pub mod admin;
 pub mod blob;
 pub mod config;
 pub mod dial;
+pub mod identity;
 pub mod listener;
 pub mod metrics;
 pub mod policy;

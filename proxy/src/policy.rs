@@ -10,6 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::identity::WorkloadSelector;
+
 /// HTTPS only: the proxy tunnels TLS, so 443 is the only port allowed unless a rule says more.
 pub const DEFAULT_PORT: u16 = 443;
 
@@ -60,6 +62,10 @@ pub struct AllowRule {
     /// Off: `cidrs` only opens private ranges and public addresses stay allowed.
     #[serde(default, rename = "onlyCIDRs")]
     pub only_cidrs: bool,
+    /// Which workloads the rule is for (any entry may match; the fields of one entry all
+    /// must). Empty: every client the pod -> proxy policy admits, as before identity existed.
+    #[serde(default)]
+    pub from: Vec<WorkloadSelector>,
 }
 
 fn default_ports() -> Vec<u16> {
@@ -282,6 +288,12 @@ impl Policy {
         let rules = allow
             .iter()
             .filter_map(|r| {
+                // A rule with `from:` is for identified workloads only. This policy judges a
+                // connection without knowing its pod, so such a rule grants nothing here:
+                // failing closed, never widening a rule to every client.
+                if !r.from.is_empty() {
+                    return None;
+                }
                 let host = match &r.host {
                     Some(h) => Some(HostPattern::parse(h).ok()?),
                     None => None,

@@ -1,0 +1,13 @@
+//! Workload identity: which pod opened a connection, from its source address (issue 14).
+//!
+//! - [`config`]: the `identity:` section and a rule's `from:` list, validated;
+//! - [`labels`]: Kubernetes names and equality-based label selectors.
+//!
+//! Without an `identity:` section nothing here runs and the proxy has no Kubernetes client.
+//! The decision is fail-closed: a rule with `from:` grants nothing to a connection that has
+//! not been identified as a pod the entry selects.
+
+pub mod config;
+pub mod labels;
+
+pub use config::{IdentityConfig, Unidentified, WorkloadSelector};
