@@ -1,13 +1,16 @@
 //! Workload identity: which pod opened a connection, from its source address (issue 14).
 //!
 //! - [`config`]: the `identity:` section and a rule's `from:` list, validated;
-//! - [`labels`]: Kubernetes names and equality-based label selectors.
+//! - [`labels`]: Kubernetes names and equality-based label selectors;
+//! - [`index`]: source address -> pod, fed by watch events (pure).
 //!
 //! Without an `identity:` section nothing here runs and the proxy has no Kubernetes client.
 //! The decision is fail-closed: a rule with `from:` grants nothing to a connection that has
 //! not been identified as a pod the entry selects.
 
 pub mod config;
+pub mod index;
 pub mod labels;
 
 pub use config::{IdentityConfig, Unidentified, WorkloadSelector};
+pub use index::{IndexFeeder, Lookup, PodEvent, PodIndex, SlimPod};
