@@ -26,7 +26,7 @@ pub fn warnings(config: &Config) -> Vec<String> {
     }
     if config.identity.is_some() && config.allow.iter().any(|r| !r.from.is_empty()) {
         out.push(
-            "identity: this build does not watch pods yet, so no connection is identified and rules with from: allow nothing"
+            "identity: this build watches pods but does not match connections to them yet, so rules with from: allow nothing"
                 .to_string(),
         );
     }

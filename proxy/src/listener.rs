@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::accept::AcceptErrors;
 use crate::config::Config;
 use crate::dial::tune;
+use crate::identity::Identities;
 use crate::metrics::ReasonLabel;
 use crate::state::{Live, Shared, StartError};
 use crate::{admin, tunnel};
@@ -81,7 +82,22 @@ pub struct Server {
 
 impl Server {
     /// Binds every listener (so a port clash fails the start, not the first connection).
+    /// With `identity:`, the Kubernetes client comes from the environment: the service
+    /// account's in-cluster config in a pod, else `KUBECONFIG` or `~/.kube/config`.
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        let client = match &config.identity {
+            Some(_) => Some(kube::Client::try_default().await?),
+            None => None,
+        };
+        Self::bind_with_client(config, client).await
+    }
+
+    /// [`Server::bind`] with a given Kubernetes client for the pod watch (tests, embedders);
+    /// ignored without `identity:`. With `identity:` and no client, it is an error.
+    pub async fn bind_with_client(
+        config: &Config,
+        client: Option<kube::Client>,
+    ) -> Result<Self, StartError> {
         let live = Live::from_config(config)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -94,7 +110,16 @@ impl Server {
             None => None,
         };
         let admin = bind(config.admin_listen).await?;
-        let shared = Arc::new(Shared::new(live, config.max_tunnels));
+        let mut shared = Shared::new(live, config.max_tunnels);
+        if let Some(identity) = &config.identity {
+            let client = client.ok_or(StartError::NoKubeClient)?;
+            shared.identity = Some(Identities::start(
+                identity,
+                client,
+                shared.metrics.identity.clone(),
+            ));
+        }
+        let shared = Arc::new(shared);
         Ok(Self {
             plain,
             tls,

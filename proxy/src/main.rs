@@ -208,9 +208,10 @@ fn reload(args: &Args, running: &Config, handle: &Handle) {
         || next.log_format != running.log_format
         || next.worker_threads != running.worker_threads
         || next.tls.as_ref().map(|t| t.listen) != running.tls.as_ref().map(|t| t.listen)
+        || next.identity != running.identity
     {
         tracing::warn!(
-            "listen, adminListen, tls.listen, maxTunnels, logFormat and workerThreads changes apply at the next restart"
+            "listen, adminListen, tls.listen, maxTunnels, logFormat, workerThreads and identity changes apply at the next restart"
         );
     }
     match handle.reload(&next) {

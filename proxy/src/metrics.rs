@@ -68,6 +68,8 @@ pub struct Metrics {
     pub connect_seconds: Histogram,
     /// Config reloads by outcome.
     pub reloads: Family<ResultLabel, Counter>,
+    /// Workload identity (issue 14): its own block, registered under `identity_`.
+    pub identity: crate::identity::metrics::IdentityMetrics,
 }
 
 impl Default for Metrics {
@@ -121,8 +123,12 @@ impl Metrics {
             "Configuration reloads, by result",
             reloads.clone(),
         );
+        // Workload identity: registered whether or not it is configured, so dashboards see
+        // `identity_synced 0` rather than no series.
+        let identity = crate::identity::metrics::IdentityMetrics::register(&mut registry);
         Self {
             registry,
+            identity,
             tunnels_active,
             tunnels,
             denials,

@@ -26,7 +26,7 @@ const MAX_UNKNOWN_WAIT: std::time::Duration = std::time::Duration::from_secs(30)
 
 /// The `identity:` section: present, the proxy watches the labelled pods and maps each
 /// connection's source address to one; absent, there is no Kubernetes client at all.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct IdentityConfig {
     /// Label selector of the pods to watch, in `kubectl -l` syntax (`k=v`, `k!=v`, `k`,

@@ -2,7 +2,9 @@
 //!
 //! - [`config`]: the `identity:` section and a rule's `from:` list, validated;
 //! - [`labels`]: Kubernetes names and equality-based label selectors;
-//! - [`index`]: source address -> pod, fed by watch events (pure).
+//! - [`index`]: source address -> pod, fed by watch events (pure);
+//! - [`watch`]: the kube-rs pod watch feeding the index, and readiness;
+//! - [`metrics`]: the identity gauges, fixed cardinality.
 //!
 //! Without an `identity:` section nothing here runs and the proxy has no Kubernetes client.
 //! The decision is fail-closed: a rule with `from:` grants nothing to a connection that has
@@ -11,6 +13,9 @@
 pub mod config;
 pub mod index;
 pub mod labels;
+pub mod metrics;
+pub mod watch;
 
 pub use config::{IdentityConfig, Unidentified, WorkloadSelector};
 pub use index::{IndexFeeder, Lookup, PodEvent, PodIndex, SlimPod};
+pub use watch::Identities;

@@ -27,6 +27,10 @@ pub enum Reject {
     /// `maxTunnels` tunnels are open already.
     #[error("tunnel limit reached")]
     AtCapacity,
+    /// Identity is on and the first full pod list has not completed: nobody can be
+    /// identified yet, so nobody is judged yet.
+    #[error("the proxy has not finished listing pods yet; retry shortly")]
+    IdentityNotSynced,
     /// The drain deadline passed while the connection was still sending its head or being
     /// connected; it is closed without an answer, like the tunnels the deadline cuts.
     #[error("drain deadline passed before the tunnel opened")]
@@ -45,7 +49,7 @@ impl Reject {
             Self::Denied(_) => 403,
             Self::Dial(DialError::Resolve { .. } | DialError::Connect { .. }) => 502,
             Self::Dial(DialError::Timeout(_)) => 504,
-            Self::AtCapacity => 503,
+            Self::AtCapacity | Self::IdentityNotSynced => 503,
         })
     }
 
@@ -62,6 +66,7 @@ impl Reject {
             Self::Dial(DialError::Connect { .. }) => "connect-failure",
             Self::Dial(DialError::Timeout(_)) => "connect-timeout",
             Self::AtCapacity => "tunnel-limit",
+            Self::IdentityNotSynced => "identity-not-synced",
             Self::DrainDeadline => "drain-deadline",
         }
     }
@@ -75,10 +80,12 @@ impl Reject {
             }
             other => format!("{other}\n"),
         };
-        let allow = if status == 405 {
-            "Allow: CONNECT\r\n"
-        } else {
-            ""
+        let allow = match self {
+            Self::Head(HeadError::NotConnect(_)) => "Allow: CONNECT\r\n",
+            // The first list of a few thousand pods takes seconds; a client that honours
+            // Retry-After comes back about when the proxy is ready.
+            Self::IdentityNotSynced => "Retry-After: 1\r\n",
+            _ => "",
         };
         Some(
             format!(
@@ -132,6 +139,11 @@ mod tests {
         assert_eq!(s(HeadError::ClientGone.into()), None);
         assert_eq!(s(Reject::DrainDeadline), None);
         assert_eq!(s(Reject::AtCapacity), Some(503));
+        let early = String::from_utf8(Reject::IdentityNotSynced.response().unwrap()).unwrap();
+        assert!(
+            early.starts_with("HTTP/1.1 503 Service Unavailable\r\nX-Egress-Gate-Reason: identity-not-synced\r\nRetry-After: 1\r\n"),
+            "{early}"
+        );
         assert_eq!(
             s(DialError::Timeout(std::time::Duration::from_secs(1)).into()),
             Some(504)

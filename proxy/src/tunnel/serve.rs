@@ -126,6 +126,9 @@ async fn establish<C: AsyncRead + Unpin>(
     .await
     .map_err(|_| HeadError::Timeout)??;
     entry.target = Some(req.target.clone());
+    if shared.identity_pending() {
+        return Err(Reject::IdentityNotSynced);
+    }
     let grant = live.policy.authorize(&req.target)?;
     let t0 = Instant::now();
     let (upstream, addr) = dial::connect(
