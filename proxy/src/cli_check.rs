@@ -24,12 +24,6 @@ pub fn warnings(config: &Config) -> Vec<String> {
     if config.allow.is_empty() {
         out.push("allow is empty: every CONNECT is refused, nothing can pass".to_string());
     }
-    if config.identity.is_some() && config.allow.iter().any(|r| !r.from.is_empty()) {
-        out.push(
-            "identity: this build watches pods but does not match connections to them yet, so rules with from: allow nothing"
-                .to_string(),
-        );
-    }
     out
 }
 

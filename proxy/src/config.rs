@@ -586,22 +586,56 @@ allow:
     }
 
     #[test]
-    fn rules_with_from_grant_nothing_to_an_unidentified_connection() {
+    fn rules_with_from_apply_only_to_the_workloads_they_select() {
+        use crate::identity::SlimPod;
+        use crate::identity::index::Phase;
+        use crate::policy::Denial;
         let policy = Config::parse(IDENTITY, "t").unwrap().policy();
         let target = |h: &str| crate::policy::Target {
             host: crate::policy::Host::Name(h.to_owned()),
             port: 443,
         };
+        let pod = |ns: &str, cluster: &str, sa: &str| SlimPod {
+            uid: "u".into(),
+            namespace: ns.into(),
+            name: "p".into(),
+            labels: [("cnpg.io/cluster".to_owned(), cluster.to_owned())].into(),
+            service_account: sa.into(),
+            ips: vec![],
+            host_ips: vec![],
+            phase: Phase::Running,
+            terminating: false,
+        };
+        let acct_a = target("acct-a.blob.core.windows.net");
+        let shared = target("shared.blob.core.windows.net");
+        // Not identified: only the rule without from: applies.
+        assert_eq!(
+            policy.authorize(&acct_a).err(),
+            Some(Denial::WorkloadNotAllowed)
+        );
+        assert_eq!(policy.authorize(&shared).unwrap().rules, vec![1]);
+        // The first entry: namespace and label both.
+        let pg_a = pod("db-a", "pg-a", "pg-a");
+        assert_eq!(
+            policy.authorize_for(&acct_a, Some(&pg_a)).unwrap().rules,
+            vec![0]
+        );
+        let pg_b = pod("db-a", "pg-b", "pg-b");
+        assert_eq!(
+            policy.authorize_for(&acct_a, Some(&pg_b)).err(),
+            Some(Denial::WorkloadNotAllowed)
+        );
+        assert!(policy.authorize_for(&shared, Some(&pg_b)).is_ok());
+        // The second entry: the service account, in its namespace.
+        let velero = pod("velero", "", "velero");
+        assert!(policy.authorize_for(&acct_a, Some(&velero)).is_ok());
+        let impostor = pod("db-b", "", "velero");
+        assert!(policy.authorize_for(&acct_a, Some(&impostor)).is_err());
         assert_eq!(
             policy
-                .authorize(&target("acct-a.blob.core.windows.net"))
+                .authorize_for(&target("other.example"), Some(&pg_a))
                 .err(),
-            Some(crate::policy::Denial::HostNotAllowed)
-        );
-        assert!(
-            policy
-                .authorize(&target("shared.blob.core.windows.net"))
-                .is_ok()
+            Some(Denial::HostNotAllowed)
         );
     }
 

@@ -9,7 +9,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use egress_gate_apiserver::ApiServer;
@@ -44,12 +44,168 @@ async fn create_pod(pods: &Api<Pod>, name: &str, client: bool) {
     } else {
         json!({})
     };
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"containers": [{"name": "c", "image": "registry.invalid/c"}]}
-    }))
-    .unwrap();
+    create(pods, json!({"name": name, "labels": labels}), json!({})).await;
+}
+
+/// Creates a client pod of CNPG cluster `cluster` holding `ip` (through the status
+/// subresource, as the kubelet would set it).
+async fn cnpg_pod(pods: &Api<Pod>, name: &str, cluster: &str, ip: &str) {
+    let labels = json!({ CLIENT_LABEL: "true", "cnpg.io/cluster": cluster });
+    // Bound to a node, so that a delete is graceful (the pod terminates) as on a real one.
+    create(
+        pods,
+        json!({"name": name, "labels": labels}),
+        json!({"nodeName": "egh14-node"}),
+    )
+    .await;
+    set_status(
+        pods,
+        name,
+        json!({"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}),
+    )
+    .await;
+}
+
+async fn create(pods: &Api<Pod>, metadata: serde_json::Value, spec: serde_json::Value) {
+    let mut pod_spec = json!({"containers": [{"name": "c", "image": "registry.invalid/c"}]});
+    if let (Some(to), Some(from)) = (pod_spec.as_object_mut(), spec.as_object()) {
+        to.extend(from.clone());
+    }
+    let pod: Pod = serde_json::from_value(json!({"metadata": metadata, "spec": pod_spec})).unwrap();
     pods.create(&PostParams::default(), &pod).await.unwrap();
+}
+
+/// CONNECTs to `host:port` from source address `src` and returns the status line and the
+/// reason header ("200" alone for a tunnel).
+async fn connect_from(proxy: std::net::SocketAddr, src: &str, host: &str, port: u16) -> String {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{src}:0").parse().unwrap()).unwrap();
+    let mut s = socket.connect(proxy).await.unwrap();
+    use tokio::io::AsyncWriteExt;
+    s.write_all(
+        format!("CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let head = read_head(&mut s).await;
+    if head == ESTABLISHED {
+        return "200".into();
+    }
+    let status = head.lines().next().unwrap_or_default().to_owned();
+    let reason = head
+        .lines()
+        .find_map(|l| l.strip_prefix("X-Egress-Gate-Reason: "))
+        .unwrap_or_default();
+    format!("{status} {reason}")
+}
+
+/// The test policy: `ACCT` only for CNPG cluster pg-a in `ns`, `shared.` for everyone.
+fn identity_policy(ns: &str, port: u16, unknown_wait: &str) -> String {
+    format!(
+        "headTimeout: 2s\nconnectTimeout: 1s\nidentity:\n  namespaces: [{ns}]\n  unknownWait: {unknown_wait}\nallow:\n  - host: {ACCT}\n    ports: [{port}]\n    cidrs: [127.0.0.0/8]\n    from:\n      - namespaces: [{ns}]\n        podLabels: {{cnpg.io/cluster: pg-a}}\n  - host: shared.blob.core.windows.net\n    ports: [{port}]\n    cidrs: [127.0.0.0/8]\nhosts:\n  {ACCT}: [127.0.0.1]\n  shared.blob.core.windows.net: [127.0.0.1]\n"
+    )
+}
+
+async fn ready(proxy: &Proxy) {
+    eventually("ready after the first list", || async {
+        admin_get(proxy.admin, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    })
+    .await;
+}
+
+const SHARED: &str = "shared.blob.core.windows.net";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_connection_is_judged_as_the_pod_it_comes_from() {
+    let Some(api) = ApiServer::shared() else {
+        return;
+    };
+    let ns = api.namespace("egh14-decide").await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), &ns);
+    cnpg_pod(&pods, "pg-a-1", "pg-a", "127.0.0.2").await;
+    cnpg_pod(&pods, "pg-b-1", "pg-b", "127.0.0.3").await;
+    let up = echo_upstream().await;
+    let port = up.addr.port();
+    let proxy = proxy_with(&identity_policy(&ns, port, "1s"), api.client()).await;
+    ready(&proxy).await;
+
+    // The pod the rule's from: selects, and one it does not.
+    assert_eq!(
+        connect_from(proxy.addr, "127.0.0.2", ACCT, port).await,
+        "200"
+    );
+    assert_eq!(
+        connect_from(proxy.addr, "127.0.0.3", ACCT, port).await,
+        "HTTP/1.1 403 Forbidden workload-not-allowed"
+    );
+    assert_eq!(
+        connect_from(proxy.addr, "127.0.0.3", SHARED, port).await,
+        "200"
+    );
+
+    // An address no pod holds: refused once the wait is over, even for a rule without from:.
+    let t0 = Instant::now();
+    assert_eq!(
+        connect_from(proxy.addr, "127.0.0.9", SHARED, port).await,
+        "HTTP/1.1 403 Forbidden unidentified-client"
+    );
+    assert!(t0.elapsed() >= Duration::from_secs(1), "{:?}", t0.elapsed());
+
+    // A pod that gets its address while its first connection waits is let through.
+    let addr = proxy.addr;
+    let waiting = tokio::spawn(async move { connect_from(addr, "127.0.0.5", ACCT, port).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    cnpg_pod(&pods, "pg-a-2", "pg-a", "127.0.0.5").await;
+    assert_eq!(waiting.await.unwrap(), "200");
+
+    // The address reuse race: a new pod claims 127.0.0.2 while the old one still holds it.
+    // Neither is named until the old one is gone, then the new one is judged as itself.
+    cnpg_pod(&pods, "pg-b-2", "pg-b", "127.0.0.2").await;
+    eventually("127.0.0.2 ambiguous", || async {
+        connect_from(proxy.addr, "127.0.0.2", ACCT, port).await
+            == "HTTP/1.1 403 Forbidden unidentified-client"
+    })
+    .await;
+    pods.delete(
+        "pg-a-1",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    eventually("127.0.0.2 is pg-b-2", || async {
+        connect_from(proxy.addr, "127.0.0.2", ACCT, port).await
+            == "HTTP/1.1 403 Forbidden workload-not-allowed"
+    })
+    .await;
+
+    // A terminating pod keeps its identity (a primary archiving its last WAL segment).
+    pods.delete("pg-a-2", &DeleteParams::default())
+        .await
+        .unwrap();
+    let terminating = pods.get("pg-a-2").await.unwrap();
+    assert!(terminating.metadata.deletion_timestamp.is_some());
+    // Watch events arrive in order: once a pod created after the delete is indexed, the
+    // proxy has seen the pod terminating.
+    let before = gauge(&proxy, "identity_index_pods").await;
+    create_pod(&pods, "sentinel", true).await;
+    gauge_is(&proxy, "identity_index_pods", before + 1.0).await;
+    assert_eq!(
+        connect_from(proxy.addr, "127.0.0.5", ACCT, port).await,
+        "200"
+    );
+    // Once the pod finishes, its address is no longer its identity.
+    set_status(&pods, "pg-a-2", json!({"phase": "Succeeded"})).await;
+    eventually("a finished pod gives up its address", || async {
+        connect_from(proxy.addr, "127.0.0.5", ACCT, port).await
+            == "HTTP/1.1 403 Forbidden unidentified-client"
+    })
+    .await;
+    assert!(up.accepted() >= 4);
 }
 
 /// Sets the pod's `status` fields through the status subresource, as the kubelet does.
@@ -166,4 +322,44 @@ async fn the_watch_indexes_labelled_addressed_unfinished_pods() {
             .await
             .starts_with("HTTP/1.1 200")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_server_outage_keeps_the_last_index_serving() {
+    // A pair of its own: this test stops it.
+    let Some(api) = ApiServer::start().unwrap() else {
+        return;
+    };
+    let ns = api.namespace("egh14-outage").await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), &ns);
+    cnpg_pod(&pods, "pg-a-1", "pg-a", "127.0.0.2").await;
+    let up = echo_upstream().await;
+    let port = up.addr.port();
+    let proxy = proxy_with(&identity_policy(&ns, port, "200ms"), api.client()).await;
+    ready(&proxy).await;
+    assert_eq!(
+        connect_from(proxy.addr, "127.0.0.2", ACCT, port).await,
+        "200"
+    );
+
+    drop(api);
+    eventually("the outage shows as staleness", || async {
+        gauge(&proxy, "identity_staleness_seconds").await >= 1.0
+    })
+    .await;
+    // Still ready, still judging by the last complete index.
+    assert!(
+        admin_get(proxy.admin, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    );
+    assert_eq!(
+        connect_from(proxy.addr, "127.0.0.2", ACCT, port).await,
+        "200"
+    );
+    assert_eq!(
+        connect_from(proxy.addr, "127.0.0.3", ACCT, port).await,
+        "HTTP/1.1 403 Forbidden unidentified-client"
+    );
+    assert_eq!(gauge(&proxy, "identity_synced").await, 1.0);
 }

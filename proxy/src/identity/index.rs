@@ -68,6 +68,9 @@ pub struct SlimPod {
     pub service_account: String,
     /// `status.podIPs`, canonical (an IPv4-mapped IPv6 address is stored as IPv4).
     pub ips: Vec<IpAddr>,
+    /// `status.hostIPs`: the node's addresses. A connection from one of them is a node's,
+    /// which means something between the pod and the proxy rewrote the source (SNAT).
+    pub host_ips: Vec<IpAddr>,
     /// `status.phase`: terminal pods claim no address.
     pub phase: Phase,
     /// `metadata.deletionTimestamp` is set: the pod is shutting down but still running.
@@ -116,6 +119,8 @@ pub struct PodIndex {
     pods: HashMap<Arc<str>, Arc<SlimPod>>,
     /// Each claimed address and the UIDs of the live pods claiming it; never an empty list.
     by_ip: HashMap<IpAddr, Vec<Arc<str>>>,
+    /// Node addresses (the `hostIPs` of live pods), with how many live pods report each.
+    nodes: HashMap<IpAddr, usize>,
 }
 
 impl PodIndex {
@@ -143,6 +148,16 @@ impl PodIndex {
         self.by_ip.len()
     }
 
+    /// Whether `ip` is the address of a node running one of the indexed live pods.
+    pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        self.nodes.contains_key(&ip.to_canonical())
+    }
+
+    /// Node addresses known (from the live pods' `hostIPs`).
+    pub fn node_addresses(&self) -> usize {
+        self.nodes.len()
+    }
+
     /// Who owns `ip`. An IPv4-mapped IPv6 source (a dual-stack listener) is looked up as
     /// the IPv4 address it is.
     pub fn lookup(&self, ip: IpAddr) -> Lookup {
@@ -164,6 +179,11 @@ impl PodIndex {
         }
         pod.ips.sort_unstable();
         pod.ips.dedup();
+        for ip in &mut pod.host_ips {
+            *ip = ip.to_canonical();
+        }
+        pod.host_ips.sort_unstable();
+        pod.host_ips.dedup();
         let uid: Arc<str> = match self.pods.get_key_value(pod.uid.as_str()) {
             Some((uid, _)) => Arc::clone(uid),
             None => Arc::from(pod.uid.as_str()),
@@ -172,6 +192,9 @@ impl PodIndex {
         if pod.is_live() {
             for ip in &pod.ips {
                 self.by_ip.entry(*ip).or_default().push(Arc::clone(&uid));
+            }
+            for ip in &pod.host_ips {
+                *self.nodes.entry(*ip).or_default() += 1;
             }
         }
         self.pods.insert(uid, Arc::new(pod));
@@ -191,6 +214,17 @@ impl PodIndex {
         let Some(old) = self.pods.get(uid) else {
             return;
         };
+        if !old.is_live() {
+            return;
+        }
+        for ip in &old.host_ips {
+            if let Some(n) = self.nodes.get_mut(ip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.nodes.remove(ip);
+                }
+            }
+        }
         for ip in &old.ips {
             if let Some(claims) = self.by_ip.get_mut(ip) {
                 claims.retain(|c| c != uid);
@@ -277,6 +311,7 @@ mod tests {
             labels: BTreeMap::new(),
             service_account: "default".into(),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
+            host_ips: vec!["192.168.0.1".parse().unwrap()],
             phase,
             terminating,
         }
@@ -386,7 +421,17 @@ mod tests {
             )
                 .prop_map(|(u, ips, phase, terminating)| {
                     let ips: Vec<&str> = ips.into_iter().map(|i| IPS[i]).collect();
-                    pod(UIDS[u], &ips, phase, terminating)
+                    let mut p = pod(UIDS[u], &ips, phase, terminating);
+                    // Nodes shared between some pods; one spelled IPv4-mapped.
+                    p.host_ips = match u % 3 {
+                        0 => vec!["10.9.0.1".parse().unwrap()],
+                        1 => vec![
+                            "::ffff:10.9.0.1".parse().unwrap(),
+                            "fd09::1".parse().unwrap(),
+                        ],
+                        _ => vec!["10.9.0.2".parse().unwrap()],
+                    };
+                    p
                 })
         }
 
@@ -430,11 +475,34 @@ mod tests {
                                 .collect::<BTreeSet<_>>()
                                 .into_iter()
                                 .collect();
+                            canonical.host_ips = canonical
+                                .host_ips
+                                .iter()
+                                .map(IpAddr::to_canonical)
+                                .collect::<BTreeSet<_>>()
+                                .into_iter()
+                                .collect();
                             Lookup::Pod(Arc::new(canonical))
                         }
                         many => Lookup::Ambiguous(many.len()),
                     }
                 })
+                .collect()
+        }
+
+        fn nodes(pods: &BTreeMap<String, SlimPod>) -> BTreeSet<IpAddr> {
+            pods.values()
+                .filter(|p| p.is_live())
+                .flat_map(|p| p.host_ips.iter().map(IpAddr::to_canonical))
+                .collect()
+        }
+
+        /// Node addresses the index reports, over the pool's nodes.
+        fn observed_nodes(index: &PodIndex) -> BTreeSet<IpAddr> {
+            ["10.9.0.1", "10.9.0.2", "fd09::1"]
+                .iter()
+                .map(|s| s.parse::<IpAddr>().unwrap())
+                .filter(|ip| index.is_node_address(*ip))
                 .collect()
         }
 
@@ -491,6 +559,8 @@ mod tests {
                     prop_assert_eq!(observed(feeder.index()), expected(&model));
                     prop_assert_eq!(feeder.index().len(), model.len());
                     prop_assert_eq!(feeder.index().claimed_addresses(), claimed(&model));
+                    prop_assert_eq!(observed_nodes(feeder.index()), nodes(&model));
+                    prop_assert_eq!(feeder.index().node_addresses(), nodes(&model).len());
                 }
             }
         }

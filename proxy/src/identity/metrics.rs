@@ -3,6 +3,9 @@
 
 use std::sync::atomic::AtomicU64;
 
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
@@ -18,6 +21,16 @@ pub struct IdentityMetrics {
     /// Seconds since the watch was last known to be current: 0 while it streams, growing
     /// through an API server outage, during which the last complete index keeps serving.
     pub staleness_seconds: Gauge<f64, AtomicU64>,
+    /// Source-address lookups by how they ended.
+    pub lookups: Family<LookupLabel, Counter>,
+}
+
+/// `result` label of `identity_lookups_total`: one of six fixed words.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LookupLabel {
+    /// `pod` (in the index), `pod_after_wait` (arrived during `unknownWait`), `pod_direct`
+    /// (found by the direct API lookup), `ambiguous`, `node` or `unknown`.
+    pub result: &'static str,
 }
 
 impl IdentityMetrics {
@@ -43,6 +56,11 @@ impl IdentityMetrics {
             "identity_staleness_seconds",
             "Seconds since the pod watch was last known current",
             m.staleness_seconds.clone(),
+        );
+        registry.register(
+            "identity_lookups",
+            "Source-address lookups, by result",
+            m.lookups.clone(),
         );
         m
     }

@@ -18,4 +18,4 @@ pub mod watch;
 
 pub use config::{IdentityConfig, Unidentified, WorkloadSelector};
 pub use index::{IndexFeeder, Lookup, PodEvent, PodIndex, SlimPod};
-pub use watch::Identities;
+pub use watch::{Caller, Identities};

@@ -13,15 +13,15 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::Api;
+use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
-use super::config::IdentityConfig;
+use super::config::{IdentityConfig, Unidentified};
 use super::index::{Applied, IndexFeeder, Lookup, Phase, PodEvent, SlimPod};
-use super::metrics::IdentityMetrics;
+use super::metrics::{IdentityMetrics, LookupLabel};
 
 /// Pods per LIST page on a relist: client-go's and kube-rs's default, so a 50,000-pod relist
 /// is a hundred requests of bounded size.
@@ -30,6 +30,12 @@ const PAGE_SIZE: u32 = 500;
 const STALENESS_TICK: Duration = Duration::from_secs(1);
 /// The field selector every watch carries.
 const NOT_HOST_NETWORK: &str = "spec.hostNetwork=false";
+/// At most one direct `status.podIP` lookup per this interval, process-wide: the lookup is
+/// a LIST the API server answers from etcd (the field is not indexed in its watch cache), so
+/// a flood of connections from unknown addresses must not become a flood of LISTs.
+const DIRECT_LOOKUP_INTERVAL: Duration = Duration::from_millis(200);
+/// A direct lookup slower than this is abandoned; the connection is then unidentified.
+const DIRECT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// One watched scope and its index.
 #[derive(Debug)]
@@ -44,7 +50,6 @@ struct Scope {
 }
 
 /// What the watch tasks and the lookups share.
-#[derive(Debug)]
 struct Inner {
     /// The scopes, one watch each.
     scopes: Vec<Scope>,
@@ -53,8 +58,30 @@ struct Inner {
     generation: watch::Sender<u64>,
     /// Gauges.
     metrics: IdentityMetrics,
+    /// For the direct lookup on a miss.
+    client: kube::Client,
+    /// The label selector, in the API's syntax.
+    selector: String,
+    /// `identity.unknownWait`.
+    unknown_wait: Duration,
+    /// `identity.unidentified`.
+    unidentified: Unidentified,
+    /// When the last direct lookup started (the rate limit).
+    last_direct: Mutex<Option<Instant>>,
     /// When the watch started: before the first sync, staleness counts from here.
     started: Instant,
+}
+
+impl std::fmt::Debug for Inner {
+    // kube::Client is not Debug; the rest says what is watched.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inner")
+            .field("scopes", &self.scopes)
+            .field("selector", &self.selector)
+            .field("unknown_wait", &self.unknown_wait)
+            .field("unidentified", &self.unidentified)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The running pod watch and its index. Dropping it stops the watch tasks.
@@ -100,6 +127,11 @@ impl Identities {
                 .collect(),
             generation: watch::Sender::new(0),
             metrics,
+            client: client.clone(),
+            selector: selector.clone(),
+            unknown_wait: config.unknown_wait.0,
+            unidentified: config.unidentified,
+            last_direct: Mutex::new(None),
             started: Instant::now(),
         });
         inner.metrics.synced.set(0);
@@ -158,6 +190,105 @@ impl Identities {
         found
     }
 
+    /// What a connection from an address no single pod owns may do (`identity.unidentified`).
+    pub fn unidentified(&self) -> Unidentified {
+        self.inner.unidentified
+    }
+
+    /// Who is calling from `ip`. An address the index does not know is waited for (up to
+    /// `unknownWait`, waking on every index change), then looked up once directly in the API
+    /// (rate-limited), then checked against the node addresses.
+    pub async fn identify(&self, ip: IpAddr) -> Caller {
+        let ip = ip.to_canonical();
+        // Subscribed before the first lookup, so a change in between is not missed.
+        let mut changes = self.subscribe();
+        let caller = match self.lookup(ip) {
+            Lookup::Pod(pod) => (Caller::Pod(pod), "pod"),
+            Lookup::Ambiguous(n) => (Caller::Ambiguous(n), "ambiguous"),
+            Lookup::Unknown => self.identify_unknown(ip, &mut changes).await,
+        };
+        self.inner
+            .metrics
+            .lookups
+            .get_or_create(&LookupLabel { result: caller.1 })
+            .inc();
+        caller.0
+    }
+
+    async fn identify_unknown(
+        &self,
+        ip: IpAddr,
+        changes: &mut watch::Receiver<u64>,
+    ) -> (Caller, &'static str) {
+        let deadline = tokio::time::Instant::now() + self.inner.unknown_wait;
+        while let Ok(Ok(())) = tokio::time::timeout_at(deadline, changes.changed()).await {
+            match self.lookup(ip) {
+                Lookup::Unknown => {}
+                Lookup::Pod(pod) => return (Caller::Pod(pod), "pod_after_wait"),
+                Lookup::Ambiguous(n) => return (Caller::Ambiguous(n), "ambiguous"),
+            }
+        }
+        match self.direct_lookup(ip).await {
+            Some(Lookup::Pod(pod)) => return (Caller::Pod(pod), "pod_direct"),
+            Some(Lookup::Ambiguous(n)) => return (Caller::Ambiguous(n), "ambiguous"),
+            Some(Lookup::Unknown) | None => {}
+        }
+        if self.is_node_address(ip) {
+            tracing::warn!(source = %ip, "identity: a connection comes from a node address: pod addresses are rewritten (SNAT) on the way to the proxy, so pods cannot be identified");
+            (Caller::Node, "node")
+        } else {
+            (Caller::Unknown, "unknown")
+        }
+    }
+
+    /// One LIST by `status.podIP` per scope, at most once per [`DIRECT_LOOKUP_INTERVAL`];
+    /// `None` when rate-limited or failed. The field holds a pod's first address only.
+    async fn direct_lookup(&self, ip: IpAddr) -> Option<Lookup> {
+        {
+            let mut last = lock(&self.inner.last_direct);
+            if last.is_some_and(|t| t.elapsed() < DIRECT_LOOKUP_INTERVAL) {
+                return None;
+            }
+            *last = Some(Instant::now());
+        }
+        let params = ListParams::default()
+            .labels(&self.inner.selector)
+            .fields(&format!("status.podIP={ip},{NOT_HOST_NETWORK}"));
+        let mut found: Vec<SlimPod> = Vec::new();
+        for scope in &self.inner.scopes {
+            let api: Api<Pod> = match &scope.namespace {
+                Some(ns) => Api::namespaced(self.inner.client.clone(), ns),
+                None => Api::all(self.inner.client.clone()),
+            };
+            match tokio::time::timeout(DIRECT_LOOKUP_TIMEOUT, api.list(&params)).await {
+                Ok(Ok(list)) => found.extend(
+                    list.items
+                        .into_iter()
+                        .filter_map(slim)
+                        .filter(|p| p.is_live() && p.ips.contains(&ip)),
+                ),
+                Ok(Err(e)) => {
+                    tracing::debug!(source = %ip, error = %e, "identity: direct pod lookup failed");
+                    return None;
+                }
+                Err(_) => return None,
+            }
+        }
+        Some(match found.len() {
+            0 => Lookup::Unknown,
+            1 => Lookup::Pod(Arc::new(found.remove(0))),
+            n => Lookup::Ambiguous(n),
+        })
+    }
+
+    /// Whether `ip` is the address of a node that runs a watched pod.
+    pub fn is_node_address(&self, ip: IpAddr) -> bool {
+        self.inner
+            .scopes
+            .iter()
+            .any(|s| read(&s.feeder).index().is_node_address(ip))
+    }
+
     /// How long the index has not been known current (zero while every watch streams).
     pub fn staleness(&self) -> Duration {
         self.inner.staleness()
@@ -166,6 +297,39 @@ impl Identities {
     /// A receiver that changes whenever the index does: wait on it for an unknown address.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.inner.generation.subscribe()
+    }
+}
+
+/// Who a connection comes from, as far as the proxy can tell.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Exactly one live pod owns the source address.
+    Pod(Arc<SlimPod>),
+    /// No pod owns it, even after the wait and the direct lookup.
+    Unknown,
+    /// Several live pods claim it; the count.
+    Ambiguous(usize),
+    /// It is a node's address: something rewrote the pod's source address.
+    Node,
+}
+
+impl Caller {
+    /// The `identity` field of the access log: `pod`, `unknown`, `ambiguous` or `node`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Pod(_) => "pod",
+            Self::Unknown => "unknown",
+            Self::Ambiguous(_) => "ambiguous",
+            Self::Node => "node",
+        }
+    }
+
+    /// The pod, when identified.
+    pub fn pod(&self) -> Option<&SlimPod> {
+        match self {
+            Self::Pod(p) => Some(p),
+            _ => None,
+        }
     }
 }
 
@@ -293,8 +457,16 @@ pub fn slim(pod: Pod) -> Option<SlimPod> {
             })
             .collect()
     };
+    let host_ips: Vec<IpAddr> = match status.host_ips {
+        Some(ips) if !ips.is_empty() => ips.into_iter().map(|h| h.ip).collect(),
+        _ => status.host_ip.into_iter().collect::<Vec<_>>(),
+    }
+    .iter()
+    .filter_map(|ip| ip.parse().ok())
+    .collect();
     Some(SlimPod {
         uid: meta.uid?,
+        host_ips,
         namespace: meta.namespace?,
         name: meta.name.unwrap_or_default(),
         labels: meta.labels.unwrap_or_default(),

@@ -27,6 +27,12 @@ pub enum Reject {
     /// `maxTunnels` tunnels are open already.
     #[error("tunnel limit reached")]
     AtCapacity,
+    /// Identity is on, the connection maps to no single pod (the kind says why: `unknown`,
+    /// `ambiguous` or `node`), and `identity.unidentified` is `deny`.
+    #[error(
+        "the proxy cannot tell which pod this connection comes from (identity: {0}), and unidentified clients are denied"
+    )]
+    Unidentified(&'static str),
     /// Identity is on and the first full pod list has not completed: nobody can be
     /// identified yet, so nobody is judged yet.
     #[error("the proxy has not finished listing pods yet; retry shortly")]
@@ -46,7 +52,7 @@ impl Reject {
             Self::Head(HeadError::Timeout) => 408,
             Self::Head(HeadError::TooLarge) => 431,
             Self::Head(HeadError::ClientGone) | Self::DrainDeadline => return None,
-            Self::Denied(_) => 403,
+            Self::Denied(_) | Self::Unidentified(_) => 403,
             Self::Dial(DialError::Resolve { .. } | DialError::Connect { .. }) => 502,
             Self::Dial(DialError::Timeout(_)) => 504,
             Self::AtCapacity | Self::IdentityNotSynced => 503,
@@ -67,6 +73,7 @@ impl Reject {
             Self::Dial(DialError::Timeout(_)) => "connect-timeout",
             Self::AtCapacity => "tunnel-limit",
             Self::IdentityNotSynced => "identity-not-synced",
+            Self::Unidentified(_) => "unidentified-client",
             Self::DrainDeadline => "drain-deadline",
         }
     }
