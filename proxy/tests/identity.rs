@@ -363,3 +363,61 @@ async fn an_api_server_outage_keeps_the_last_index_serving() {
     );
     assert_eq!(gauge(&proxy, "identity_synced").await, 1.0);
 }
+
+/// The binary as deployed: it finds the API server through `KUBECONFIG` (in a pod, through
+/// its service account), and its access log names the calling pod and the deciding rule.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_uses_kubeconfig_and_logs_who_called() {
+    use tokio::io::AsyncBufReadExt;
+    let Some(api) = ApiServer::shared() else {
+        return;
+    };
+    let ns = api.namespace("egh14-binary").await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), &ns);
+    cnpg_pod(&pods, "pg-a-1", "pg-a", "127.0.0.6").await;
+    let up = echo_upstream().await;
+    let port = up.addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(&config, identity_policy(&ns, port, "200ms")).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_egress-proxy"))
+        .args(["--config", config.to_str().unwrap(), "--log-format", "json"])
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("KUBECONFIG", api.kubeconfig())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut next_line = async |message: &str| loop {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no log line {message:?}"))
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"].as_str().is_some_and(|m| m.contains(message)) {
+            return v;
+        }
+    };
+    let started = next_line("egress-proxy listening").await;
+    let addr: std::net::SocketAddr = started["listen"].as_str().unwrap().parse().unwrap();
+    next_line("identity: pod list complete").await;
+
+    assert_eq!(connect_from(addr, "127.0.0.6", ACCT, port).await, "200");
+    let allowed = next_line("tunnel").await;
+    assert_eq!(allowed["identity"], "pod");
+    assert_eq!(allowed["src_namespace"], ns.as_str());
+    assert_eq!(allowed["src_pod"], "pg-a-1");
+    assert_eq!(allowed["src_sa"], format!("{ns}/default").as_str());
+    assert_eq!(allowed["rule"], "allow[0]");
+
+    assert_eq!(
+        connect_from(addr, "127.0.0.7", SHARED, port).await,
+        "HTTP/1.1 403 Forbidden unidentified-client"
+    );
+    let refused = next_line("tunnel").await;
+    assert_eq!(refused["identity"], "unknown");
+    assert_eq!(refused["src_pod"], "-");
+    assert_eq!(refused["reason"], "unidentified-client");
+}
