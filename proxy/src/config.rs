@@ -13,6 +13,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::identity::{IdentityConfig, config::validate_from};
+use crate::per_source::PerSourceConfig;
 use crate::policy::{AllowRule, DEFAULT_PORT, HostPattern, Policy, normalize_name};
 
 /// Where the proxy listens by default. Loopback, so that running the binary without a config
@@ -139,6 +140,9 @@ pub struct Config {
     /// no rule may have `from:`.
     #[serde(default)]
     pub identity: Option<IdentityConfig>,
+    /// Limits per client address (fair share of the one door), always on.
+    #[serde(default)]
+    pub per_source: PerSourceConfig,
 }
 
 /// The optional TLS listener.
@@ -219,6 +223,7 @@ impl Default for Config {
             deny_cidrs: Vec::new(),
             hosts: BTreeMap::new(),
             identity: None,
+            per_source: PerSourceConfig::default(),
         }
     }
 }
@@ -392,6 +397,9 @@ impl Config {
                 ));
             }
         }
+        self.per_source
+            .validate()
+            .map_err(|(field, m)| invalid(format!("perSource.{field}"), m))?;
         if let Some(identity) = &self.identity {
             identity
                 .validate()

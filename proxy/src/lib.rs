@@ -4,7 +4,7 @@
 //! The crate is layered; each module uses only modules above it in this list:
 //! - the floor: [`policy`] (may this target be reached, at which addresses), [`identity`]
 //!   (which pod is calling: its config schema so far), [`config`] (the
-//!   file, validated), [`dial`] (resolve, check, dial: the one way any upstream connection
+//!   file, validated), [`per_source`] (fair share: limits per client address), [`dial`] (resolve, check, dial: the one way any upstream connection
 //!   is made), [`metrics`], [`tls`] (listener certificates), [`state`] (the reloadable
 //!   settings and process-wide state every task shares), `accept` (accept-error logging);
 //! - the ways out: [`tunnel`] (CONNECT: head, policy, dial, relay) and [`blob`] (the blob
@@ -21,6 +21,7 @@ pub mod dial;
 pub mod identity;
 pub mod listener;
 pub mod metrics;
+pub mod per_source;
 pub mod policy;
 pub mod state;
 pub mod tls;

@@ -45,6 +45,9 @@ impl Handle {
     /// (keeping the old settings) when TLS files cannot be loaded.
     pub fn reload(&self, config: &Config) -> Result<(), StartError> {
         let result = Live::from_config(config).map(|live| self.shared.replace_live(live));
+        if result.is_ok() {
+            self.shared.per_source.set_limits(config.per_source);
+        }
         self.shared.count_reload(result.is_ok());
         result
     }
@@ -111,6 +114,7 @@ impl Server {
         };
         let admin = bind(config.admin_listen).await?;
         let mut shared = Shared::new(live, config.max_tunnels);
+        shared.per_source.set_limits(config.per_source);
         if let Some(identity) = &config.identity {
             let client = client.ok_or(StartError::NoKubeClient)?;
             shared.identity = Some(Identities::start(
@@ -230,6 +234,13 @@ async fn accept_loop(
             () = shared.draining() => return,
         };
         backoff = ACCEPT_BACKOFF_MIN;
+        let source = match shared.per_source.admit(peer.ip(), Instant::now()) {
+            Ok(guard) => guard,
+            Err(limit) => {
+                refuse_source(&socket, kind, peer, limit, &shared);
+                continue;
+            }
+        };
         let permit = shared.try_tunnel_permit();
         let shared = shared.clone();
         let done = done.clone();
@@ -248,10 +259,40 @@ async fn accept_loop(
                 }
                 (Kind::Tls, None) => {}
             }
+            drop(source);
             drop(slot);
             drop(done);
         });
     }
+}
+
+/// Answers a connection past its source's limit at once, without a task or a tunnel slot,
+/// and closes it: the answer fits in an empty socket buffer, so a non-blocking write
+/// suffices. TLS clients are closed without an answer (there is no handshake to spend on
+/// them). Logged at debug only: a flood would otherwise flood the log; the metrics count it.
+fn refuse_source(
+    socket: &TcpStream,
+    kind: Kind,
+    peer: SocketAddr,
+    limit: crate::per_source::SourceLimit,
+    shared: &Shared,
+) {
+    if matches!(kind, Kind::Plain) {
+        let _ = socket.try_write(&limit.response());
+    }
+    tracing::debug!(client = %peer, reason = limit.reason(), "refused: per-source limit");
+    shared
+        .metrics
+        .tunnels
+        .get_or_create(&crate::metrics::CodeLabel { code: "429".into() })
+        .inc();
+    shared
+        .metrics
+        .denials
+        .get_or_create(&ReasonLabel {
+            reason: limit.reason().to_owned(),
+        })
+        .inc();
 }
 
 async fn tls_serve(

@@ -13,6 +13,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::config::Config;
 use crate::identity::Identities;
 use crate::metrics::{Metrics, ResultLabel};
+use crate::per_source::PerSource;
 use crate::policy::Policy;
 use crate::tls::{TlsError, load_server_config};
 
@@ -101,6 +102,8 @@ pub struct Shared {
     force: watch::Sender<bool>,
     /// The pod watch, when `identity:` is configured; `None` = no Kubernetes client at all.
     pub identity: Option<Identities>,
+    /// Open connections and connection rate per client address.
+    pub per_source: Arc<PerSource>,
 }
 
 impl Shared {
@@ -114,6 +117,7 @@ impl Shared {
             draining: watch::Sender::new(false),
             force: watch::Sender::new(false),
             identity: None,
+            per_source: Arc::new(PerSource::new(Default::default())),
         }
     }
 
