@@ -130,6 +130,34 @@ pub struct PerSource {
     /// Sources with open connections or a bucket not yet full. A std lock: held for a
     /// few map operations, never across an await.
     table: Mutex<HashMap<IpAddr, Source>>,
+    /// With identity on: connections open per pod (by UID), whichever of its addresses
+    /// they come from; an entry lives while the pod has one open.
+    pods: Mutex<HashMap<Arc<str>, usize>>,
+}
+
+/// Held for an identified connection's whole life; releases its place in the pod's count.
+#[derive(Debug)]
+pub struct WorkloadGuard {
+    /// The table.
+    table: Arc<PerSource>,
+    /// The pod's UID.
+    uid: Arc<str>,
+}
+
+impl Drop for WorkloadGuard {
+    fn drop(&mut self) {
+        let mut pods = lock(&self.table.pods);
+        if let Some(open) = pods.get_mut(&self.uid) {
+            *open = open.saturating_sub(1);
+            if *open == 0 {
+                pods.remove(&self.uid);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Held for a connection's whole life; releases its place in the source's count on drop.
@@ -157,7 +185,28 @@ impl PerSource {
             max_open: AtomicUsize::new(config.max_connections),
             rate: AtomicU64::new(u64::from(config.connections_per_second)),
             table: Mutex::new(HashMap::new()),
+            pods: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// With identity on, after the connection is identified: admits it against its pod's
+    /// `maxConnections`, counted across all of the pod's addresses (IPv4 and IPv6).
+    pub fn admit_workload(self: &Arc<Self>, uid: &str) -> Result<WorkloadGuard, SourceLimit> {
+        let max_open = self.max_open.load(Ordering::Relaxed);
+        let mut pods = lock(&self.pods);
+        let uid: Arc<str> = match pods.get_key_value(uid) {
+            Some((k, _)) => Arc::clone(k),
+            None => Arc::from(uid),
+        };
+        let open = pods.entry(Arc::clone(&uid)).or_insert(0);
+        if *open >= max_open {
+            return Err(SourceLimit::Open);
+        }
+        *open += 1;
+        Ok(WorkloadGuard {
+            table: Arc::clone(self),
+            uid,
+        })
     }
 
     /// Applies reloaded limits to new connections.
@@ -169,9 +218,7 @@ impl PerSource {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, Source>> {
-        self.table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.table)
     }
 
     /// Admits one new connection from `ip`, or says which limit it is past.
@@ -238,6 +285,26 @@ mod tests {
         let _other = t.admit(b, now).unwrap();
         drop(g1);
         assert!(t.admit(a, now).is_ok());
+    }
+
+    #[test]
+    fn a_pod_is_counted_across_its_addresses() {
+        let t = Arc::new(PerSource::new(PerSourceConfig {
+            max_connections: 2,
+            connections_per_second: 1000,
+        }));
+        let g1 = t.admit_workload("uid-a").unwrap();
+        let _g2 = t.admit_workload("uid-a").unwrap();
+        assert_eq!(t.admit_workload("uid-a").unwrap_err(), SourceLimit::Open);
+        let _b = t.admit_workload("uid-b").unwrap();
+        drop(g1);
+        let _g3 = t.admit_workload("uid-a").unwrap();
+        drop(_g2);
+        drop(_g3);
+        assert!(
+            lock(&t.pods).get("uid-a").is_none(),
+            "entries leave with the last connection"
+        );
     }
 
     #[test]

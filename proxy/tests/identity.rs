@@ -421,3 +421,78 @@ async fn the_binary_uses_kubeconfig_and_logs_who_called() {
     assert_eq!(refused["src_pod"], "-");
     assert_eq!(refused["reason"], "unidentified-client");
 }
+
+/// With identity on, a pod's open connections are counted together, whichever of its
+/// addresses (IPv4 or IPv6) they come from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pods_connections_are_limited_across_its_addresses() {
+    let Some(api) = ApiServer::shared() else {
+        return;
+    };
+    let ns = api.namespace("egh14-limit").await;
+    let pods: Api<Pod> = Api::namespaced(api.client(), &ns);
+    cnpg_pod(&pods, "pg-a-1", "pg-a", "127.0.0.8").await;
+    set_status(
+        &pods,
+        "pg-a-1",
+        json!({"podIPs": [{"ip": "127.0.0.8"}, {"ip": "::1"}]}),
+    )
+    .await;
+    let up = echo_upstream().await;
+    let port = up.addr.port();
+    // Dual-stack listener, so the pod's IPv6 address can reach it too.
+    let yaml = format!(
+        "listen: '[::]:0'\nadminListen: 127.0.0.1:0\nperSource: {{maxConnections: 2}}\n{}",
+        identity_policy(&ns, port, "200ms")
+    );
+    let config = Config::parse(&yaml, "test").unwrap();
+    let server = Server::bind_with_client(&config, Some(api.client()))
+        .await
+        .unwrap();
+    let port_proxy = server.proxy_addr().unwrap().port();
+    let admin = server.admin_addr().unwrap();
+    tokio::spawn(server.run());
+    eventually("ready", || async {
+        admin_get(admin, "/readyz")
+            .await
+            .starts_with("HTTP/1.1 200")
+    })
+    .await;
+    let open = |src: &'static str| async move {
+        let (socket, proxy) = if src.contains(':') {
+            (
+                tokio::net::TcpSocket::new_v6().unwrap(),
+                format!("[::1]:{port_proxy}"),
+            )
+        } else {
+            (
+                tokio::net::TcpSocket::new_v4().unwrap(),
+                format!("127.0.0.1:{port_proxy}"),
+            )
+        };
+        let src: std::net::IpAddr = src.parse().unwrap();
+        socket.bind(std::net::SocketAddr::new(src, 0)).unwrap();
+        let mut s = socket.connect(proxy.parse().unwrap()).await.unwrap();
+        use tokio::io::AsyncWriteExt;
+        s.write_all(format!("CONNECT {ACCT}:{port} HTTP/1.1\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let head = read_head(&mut s).await;
+        (head, s)
+    };
+    let (a, _held_a) = open("127.0.0.8").await;
+    assert_eq!(a, ESTABLISHED);
+    let (b, _held_b) = open("::1").await;
+    assert_eq!(b, ESTABLISHED);
+    // Each address has one connection open, under its own limit of two; the pod has two.
+    let (c, _) = open("127.0.0.8").await;
+    assert!(
+        c.starts_with("HTTP/1.1 429 Too Many Requests\r\nX-Egress-Gate-Reason: workload-connection-limit\r\nRetry-After: 5\r\n"),
+        "{c}"
+    );
+    drop(_held_b);
+    eventually("a slot freed by the pod's IPv6 connection", || async {
+        open("127.0.0.8").await.0 == ESTABLISHED
+    })
+    .await;
+}

@@ -34,6 +34,9 @@ const NOT_HOST_NETWORK: &str = "spec.hostNetwork=false";
 /// a LIST the API server answers from etcd (the field is not indexed in its watch cache), so
 /// a flood of connections from unknown addresses must not become a flood of LISTs.
 const DIRECT_LOOKUP_INTERVAL: Duration = Duration::from_millis(200);
+/// The node-address warning is repeated at most this often: under SNAT every connection
+/// comes from a node, and one line a minute says so as well as thousands would.
+const NODE_WARNING_INTERVAL: Duration = Duration::from_secs(60);
 /// A direct lookup slower than this is abandoned; the connection is then unidentified.
 const DIRECT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -68,6 +71,8 @@ struct Inner {
     unidentified: Unidentified,
     /// When the last direct lookup started (the rate limit).
     last_direct: Mutex<Option<Instant>>,
+    /// When the node-address warning was last logged.
+    last_node_warning: Mutex<Option<Instant>>,
     /// When the watch started: before the first sync, staleness counts from here.
     started: Instant,
 }
@@ -132,6 +137,7 @@ impl Identities {
             unknown_wait: config.unknown_wait.0,
             unidentified: config.unidentified,
             last_direct: Mutex::new(None),
+            last_node_warning: Mutex::new(None),
             started: Instant::now(),
         });
         inner.metrics.synced.set(0);
@@ -234,7 +240,11 @@ impl Identities {
             Some(Lookup::Unknown) | None => {}
         }
         if self.is_node_address(ip) {
-            tracing::warn!(source = %ip, "identity: a connection comes from a node address: pod addresses are rewritten (SNAT) on the way to the proxy, so pods cannot be identified");
+            let mut last = lock(&self.inner.last_node_warning);
+            if last.is_none_or(|t| t.elapsed() >= NODE_WARNING_INTERVAL) {
+                *last = Some(Instant::now());
+                tracing::warn!(source = %ip, "identity: a connection comes from a node address: pod addresses are rewritten (SNAT) on the way to the proxy, so pods cannot be identified (repeated at most once a minute; the access log marks each: identity=node)");
+            }
             (Caller::Node, "node")
         } else {
             (Caller::Unknown, "unknown")

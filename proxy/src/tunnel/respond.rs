@@ -33,6 +33,9 @@ pub enum Reject {
         "the proxy cannot tell which pod this connection comes from (identity: {0}), and unidentified clients are denied"
     )]
     Unidentified(&'static str),
+    /// The identified pod has `perSource.maxConnections` connections open already.
+    #[error("too many open connections from this workload")]
+    WorkloadLimit,
     /// Identity is on and the first full pod list has not completed: nobody can be
     /// identified yet, so nobody is judged yet.
     #[error("the proxy has not finished listing pods yet; retry shortly")]
@@ -56,6 +59,7 @@ impl Reject {
             Self::Dial(DialError::Resolve { .. } | DialError::Connect { .. }) => 502,
             Self::Dial(DialError::Timeout(_)) => 504,
             Self::AtCapacity | Self::IdentityNotSynced => 503,
+            Self::WorkloadLimit => 429,
         })
     }
 
@@ -74,6 +78,7 @@ impl Reject {
             Self::AtCapacity => "tunnel-limit",
             Self::IdentityNotSynced => "identity-not-synced",
             Self::Unidentified(_) => "unidentified-client",
+            Self::WorkloadLimit => "workload-connection-limit",
             Self::DrainDeadline => "drain-deadline",
         }
     }
@@ -92,6 +97,7 @@ impl Reject {
             // The first list of a few thousand pods takes seconds; a client that honours
             // Retry-After comes back about when the proxy is ready.
             Self::IdentityNotSynced => "Retry-After: 1\r\n",
+            Self::WorkloadLimit => "Retry-After: 5\r\n",
             _ => "",
         };
         Some(
@@ -112,6 +118,7 @@ fn reason_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",

@@ -15,6 +15,7 @@ use super::respond::{ESTABLISHED, Reject};
 use crate::dial;
 use crate::identity::{Caller, Unidentified};
 use crate::metrics::{CodeLabel, ReasonLabel};
+use crate::per_source::WorkloadGuard;
 use crate::policy::Target;
 use crate::state::{Live, Shared};
 
@@ -39,6 +40,8 @@ struct Entry {
     caller: Option<Caller>,
     /// Positions in `allow` of the rules that granted the target.
     rules: Option<Vec<usize>>,
+    /// The identified pod's place in its connection count, held until the connection ends.
+    workload: Option<WorkloadGuard>,
 }
 
 /// Serves one accepted client connection. `permit` is `None` when `maxTunnels` tunnels are
@@ -59,6 +62,7 @@ pub(crate) async fn serve<C: ClientIo>(
         resolved: None,
         caller: None,
         rules: None,
+        workload: None,
     };
     let outcome = if permit.is_some() {
         // The head and connect phases have their own timeouts, which can outlast the drain
@@ -145,7 +149,14 @@ async fn establish<C: AsyncRead + Unpin>(
     }
     let pod = match &entry.caller {
         Some(caller) => match caller.pod() {
-            Some(pod) => Some(pod),
+            Some(pod) => {
+                let guard = shared
+                    .per_source
+                    .admit_workload(&pod.uid)
+                    .map_err(|_| Reject::WorkloadLimit)?;
+                entry.workload = Some(guard);
+                Some(pod)
+            }
             None if unidentified == Unidentified::Deny => {
                 return Err(Reject::Unidentified(caller.kind()));
             }
