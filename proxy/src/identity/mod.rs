@@ -6,6 +6,11 @@
 //! - [`watch`]: the kube-rs pod watch feeding the index, and readiness;
 //! - [`metrics`]: the identity gauges, fixed cardinality.
 //!
+//! The blob gateway's virtual accounts are meant to take the same `from:` list, as a second
+//! factor beside the client key: the seam is [`WorkloadSelector`] (the schema, validated by
+//! [`config::validate_from`]) and [`Caller::pod`] (who is calling, from
+//! [`Identities::identify`]); nothing in them is specific to allow rules.
+//!
 //! Without an `identity:` section nothing here runs and the proxy has no Kubernetes client.
 //! The decision is fail-closed: a rule with `from:` grants nothing to a connection that has
 //! not been identified as a pod the entry selects.
