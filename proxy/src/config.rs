@@ -607,7 +607,9 @@ allow:
             uid: "u".into(),
             namespace: ns.into(),
             name: "p".into(),
-            labels: [("cnpg.io/cluster".to_owned(), cluster.to_owned())].into(),
+            labels: [("cnpg.io/cluster".to_owned(), cluster.to_owned())]
+                .into_iter()
+                .collect(),
             service_account: sa.into(),
             ips: vec![],
             host_ips: vec![],

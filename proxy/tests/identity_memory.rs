@@ -56,7 +56,7 @@ fn cnpg_pod(i: u32) -> SlimPod {
         uid: format!("{:08x}-1c2d-4e5f-8a9b-{:012x}", i, u64::from(i) * 7919),
         namespace: format!("db-{}", i / 300),
         name: format!("{cluster}-{}", i % 3 + 1),
-        labels,
+        labels: labels.into(),
         service_account: cluster.clone(),
         ips: vec![IpAddr::V4(Ipv4Addr::from(0x0af4_0000 + i))],
         host_ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i / 30))],

@@ -7,6 +7,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::config::HumanDuration;
+use crate::identity::index::PodLabels;
 use crate::identity::labels::{
     LabelRequirement, parse_selector, validate_dns_label, validate_dns_subdomain,
     validate_label_key, validate_label_value,
@@ -112,17 +113,12 @@ impl fmt::Display for WorkloadSelector {
 
 impl WorkloadSelector {
     /// Whether a pod with this namespace, labels and service account is selected.
-    pub fn matches(
-        &self,
-        namespace: &str,
-        labels: &BTreeMap<String, String>,
-        service_account: &str,
-    ) -> bool {
+    pub fn matches(&self, namespace: &str, labels: &PodLabels, service_account: &str) -> bool {
         (self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace))
             && self
                 .pod_labels
                 .iter()
-                .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
+                .all(|(k, v)| labels.get(k) == Some(v.as_str()))
             && (self.service_accounts.is_empty()
                 || self.service_accounts.iter().any(|sa| {
                     sa.split_once('/')
@@ -254,7 +250,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn labels(pairs: &[(&str, &str)]) -> PodLabels {
         pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -265,7 +261,7 @@ mod tests {
     fn fields_inside_an_entry_all_must_hold() {
         let sel = WorkloadSelector {
             namespaces: vec!["db-a".into()],
-            pod_labels: labels(&[("cnpg.io/cluster", "pg-a")]),
+            pod_labels: [("cnpg.io/cluster".to_owned(), "pg-a".to_owned())].into(),
             service_accounts: vec![],
         };
         let pg_a = labels(&[("cnpg.io/cluster", "pg-a"), ("x", "y")]);

@@ -12,10 +12,77 @@
 //!   archives its last WAL segment while it terminates;
 //! - an address claimed by two live pods is ambiguous, and names neither.
 
-use std::collections::BTreeMap;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// Distinct label keys shared between pods. Keys repeat across pods (`cnpg.io/cluster`,
+/// `app.kubernetes.io/name`, ...), so each is kept once; past this many, further keys are
+/// stored per pod, so pods with ever-new keys cannot grow the table without bound.
+const MAX_SHARED_KEYS: usize = 1024;
+
+/// A pod's labels, compact: sorted (key, value) pairs in one allocation, each key shared
+/// with every other pod that has it. A `BTreeMap<String, String>` costs more per pod
+/// (measured in `tests/identity_memory.rs`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodLabels(Box<[(Arc<str>, Box<str>)]>);
+
+impl PodLabels {
+    /// The value of label `key`, if the pod has it.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .binary_search_by(|(k, _)| k.as_ref().cmp(key))
+            .ok()
+            .and_then(|i| self.0.get(i))
+            .map(|(_, v)| v.as_ref())
+    }
+
+    /// Number of labels.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the pod has no label.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The shared copy of `key`.
+fn shared_key(key: String) -> Arc<str> {
+    static KEYS: OnceLock<Mutex<HashSet<Arc<str>>>> = OnceLock::new();
+    let mut keys = KEYS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(k) = keys.get(key.as_str()) {
+        return Arc::clone(k);
+    }
+    let k: Arc<str> = Arc::from(key);
+    if keys.len() < MAX_SHARED_KEYS {
+        keys.insert(Arc::clone(&k));
+    }
+    k
+}
+
+impl FromIterator<(String, String)> for PodLabels {
+    fn from_iter<I: IntoIterator<Item = (String, String)>>(iter: I) -> Self {
+        // Through a BTreeMap: sorted, one value per key (the last), as the API has them.
+        let sorted: BTreeMap<String, String> = iter.into_iter().collect();
+        Self(
+            sorted
+                .into_iter()
+                .map(|(k, v)| (shared_key(k), v.into_boxed_str()))
+                .collect(),
+        )
+    }
+}
+
+impl From<BTreeMap<String, String>> for PodLabels {
+    fn from(map: BTreeMap<String, String>) -> Self {
+        map.into_iter().collect()
+    }
+}
 
 /// A pod's lifecycle phase, as `status.phase` says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,7 +130,7 @@ pub struct SlimPod {
     /// `metadata.name`, for the access log only.
     pub name: String,
     /// `metadata.labels`, matched by `from[].podLabels`.
-    pub labels: BTreeMap<String, String>,
+    pub labels: PodLabels,
     /// `spec.serviceAccountName` (`default` when unset), matched by `from[].serviceAccounts`.
     pub service_account: String,
     /// `status.podIPs`, canonical (an IPv4-mapped IPv6 address is stored as IPv4).
@@ -308,7 +375,7 @@ mod tests {
             uid: uid.into(),
             namespace: "db-a".into(),
             name: format!("pod-{uid}"),
-            labels: BTreeMap::new(),
+            labels: PodLabels::default(),
             service_account: "default".into(),
             ips: ips.iter().map(|s| s.parse().unwrap()).collect(),
             host_ips: vec!["192.168.0.1".parse().unwrap()],

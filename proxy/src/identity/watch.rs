@@ -479,7 +479,7 @@ pub fn slim(pod: Pod) -> Option<SlimPod> {
         host_ips,
         namespace: meta.namespace?,
         name: meta.name.unwrap_or_default(),
-        labels: meta.labels.unwrap_or_default(),
+        labels: meta.labels.unwrap_or_default().into(),
         service_account: spec
             .service_account_name
             .filter(|s| !s.is_empty())
