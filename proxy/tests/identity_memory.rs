@@ -4,10 +4,11 @@
 //! `cargo test --release -p egress-proxy --test identity_memory -- --ignored --nocapture`.
 #![allow(clippy::unwrap_used)]
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
-use egress_proxy::identity::index::{IndexFeeder, Phase, PodEvent, SlimPod};
+use egress_proxy::identity::index::{IndexFeeder, PodEvent, SlimPod};
+use egress_proxy::identity::watch::slim;
+use k8s_openapi::api::core::v1::Pod;
 
 /// Pods indexed, as the benchmark asks.
 const PODS: u32 = 50_000;
@@ -21,48 +22,42 @@ fn rss_kib() -> u64 {
         .unwrap()
 }
 
-/// A pod as CNPG creates it: about ten labels, a generated name, one address.
+/// A pod as CNPG creates it (about ten labels, a generated name, one address), as the API
+/// server would send it, reduced by the watch's own projection.
 fn cnpg_pod(i: u32) -> SlimPod {
     let cluster = format!("pg-{}", i / 3);
-    let labels: BTreeMap<String, String> = [
-        ("cnpg.io/cluster", cluster.as_str()),
-        ("cnpg.io/instanceName", &format!("{cluster}-{}", i % 3 + 1)),
-        (
-            "cnpg.io/instanceRole",
-            if i.is_multiple_of(3) {
-                "primary"
-            } else {
-                "replica"
-            },
-        ),
-        ("cnpg.io/podRole", "instance"),
-        (
-            "role",
-            if i.is_multiple_of(3) {
-                "primary"
-            } else {
-                "replica"
-            },
-        ),
-        ("egress-gate.io/client", "true"),
-        ("app.kubernetes.io/name", "postgresql"),
-        ("app.kubernetes.io/managed-by", "cloudnative-pg"),
-        ("cnpg.io/jobRole", "none"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
-    SlimPod {
-        uid: format!("{:08x}-1c2d-4e5f-8a9b-{:012x}", i, u64::from(i) * 7919),
-        namespace: format!("db-{}", i / 300),
-        name: format!("{cluster}-{}", i % 3 + 1),
-        labels: labels.into(),
-        service_account: cluster.clone(),
-        ips: vec![IpAddr::V4(Ipv4Addr::from(0x0af4_0000 + i))],
-        host_ips: vec![IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i / 30))],
-        phase: Phase::Running,
-        terminating: false,
-    }
+    let role = if i.is_multiple_of(3) {
+        "primary"
+    } else {
+        "replica"
+    };
+    let instance = format!("{cluster}-{}", i % 3 + 1);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "uid": format!("{:08x}-1c2d-4e5f-8a9b-{:012x}", i, u64::from(i) * 7919),
+            "namespace": format!("db-{}", i / 300),
+            "name": instance,
+            "labels": {
+                "cnpg.io/cluster": cluster,
+                "cnpg.io/instanceName": instance,
+                "cnpg.io/instanceRole": role,
+                "cnpg.io/podRole": "instance",
+                "role": role,
+                "egress-gate.io/client": "true",
+                "app.kubernetes.io/name": "postgresql",
+                "app.kubernetes.io/managed-by": "cloudnative-pg",
+                "cnpg.io/jobRole": "none"
+            }
+        },
+        "spec": {"serviceAccountName": cluster, "containers": [{"name": "postgres"}]},
+        "status": {
+            "phase": "Running",
+            "podIPs": [{"ip": IpAddr::V4(Ipv4Addr::from(0x0af4_0000 + i)).to_string()}],
+            "hostIPs": [{"ip": IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i / 30)).to_string()}]
+        }
+    }))
+    .unwrap();
+    slim(pod).unwrap()
 }
 
 #[test]

@@ -20,7 +20,7 @@ use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
 use super::config::{IdentityConfig, Unidentified};
-use super::index::{Applied, IndexFeeder, Lookup, Phase, PodEvent, SlimPod};
+use super::index::{Applied, IndexFeeder, Lookup, Phase, PodEvent, SlimPod, shared_key};
 use super::metrics::{IdentityMetrics, LookupLabel};
 
 /// Pods per LIST page on a relist: client-go's and kube-rs's default, so a 50,000-pod relist
@@ -475,15 +475,16 @@ pub fn slim(pod: Pod) -> Option<SlimPod> {
     .filter_map(|ip| ip.parse().ok())
     .collect();
     Some(SlimPod {
-        uid: meta.uid?,
+        uid: meta.uid?.into(),
         host_ips,
-        namespace: meta.namespace?,
-        name: meta.name.unwrap_or_default(),
+        namespace: shared_key(meta.namespace?),
+        name: meta.name.unwrap_or_default().into(),
         labels: meta.labels.unwrap_or_default().into(),
-        service_account: spec
-            .service_account_name
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".to_owned()),
+        service_account: shared_key(
+            spec.service_account_name
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| "default".to_owned()),
+        ),
         ips,
         phase: Phase::from_status(status.phase.as_deref()),
         terminating: meta.deletion_timestamp.is_some(),
@@ -519,11 +520,8 @@ mod tests {
         }))
         .unwrap();
         let p = slim(pod).unwrap();
-        assert_eq!(
-            (p.uid.as_str(), p.namespace.as_str(), p.name.as_str()),
-            ("u1", "db-a", "pg-a-1")
-        );
-        assert_eq!(p.service_account, "pg-a");
+        assert_eq!((&*p.uid, &*p.namespace, &*p.name), ("u1", "db-a", "pg-a-1"));
+        assert_eq!(&*p.service_account, "pg-a");
         assert_eq!(
             p.ips,
             vec![
@@ -542,7 +540,7 @@ mod tests {
         .unwrap();
         let p = slim(host).unwrap();
         assert!(p.ips.is_empty());
-        assert_eq!(p.service_account, "default");
+        assert_eq!(&*p.service_account, "default");
         let no_uid: Pod =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
         assert!(slim(no_uid).is_none());
