@@ -109,6 +109,9 @@ start_egress_proxy() {
 listen: 127.0.0.1:$port
 adminListen: 127.0.0.1:$(free_port)
 maxTunnels: 20000
+# The load generator is one client address: the per-source limits, sized for a pod, would
+# measure themselves instead of the proxy.
+perSource: {maxConnections: 20000, connectionsPerSecond: 1000000}
 workerThreads: ${PROXY_WORKERS:-1}
 allow:
   - host: $host

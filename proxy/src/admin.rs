@@ -79,8 +79,14 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     let text = |status: StatusCode, body: &'static str| (status, "text/plain", body.to_owned());
     let (status, content_type, body) = match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
-        (&Method::GET, "/readyz") if shared.is_ready() => text(StatusCode::OK, "ready\n"),
-        (&Method::GET, "/readyz") => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        (&Method::GET, "/readyz") => match shared.not_ready_reason() {
+            None => text(StatusCode::OK, "ready\n"),
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("{why}\n"),
+            ),
+        },
         (&Method::GET, "/metrics") => (
             StatusCode::OK,
             METRICS_CONTENT_TYPE,

@@ -48,6 +48,18 @@ pub fn check_config(config: &Config) -> ExitCode {
         let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
         let _ = writeln!(out, "hosts: {name} -> {}", list.join(", "));
     }
+    if let Some(identity) = &config.identity {
+        let scope = if identity.namespaces.is_empty() {
+            "all namespaces".to_owned()
+        } else {
+            format!("namespaces {}", identity.namespaces.join(","))
+        };
+        let _ = writeln!(
+            out,
+            "identity: pods {} in {scope}, unknownWait {}, unidentified {}",
+            identity.pod_selector, identity.unknown_wait, identity.unidentified
+        );
+    }
     print!("{out}");
     for w in warnings(config) {
         eprintln!("egress-proxy: warning: {w}");
@@ -68,6 +80,10 @@ fn describe(rule: &AllowRule) -> String {
     }
     if rule.only_cidrs {
         text.push_str(", onlyCIDRs");
+    }
+    if !rule.from.is_empty() {
+        let from: Vec<String> = rule.from.iter().map(|f| format!("({f})")).collect();
+        let _ = write!(text, ", from {}", from.join(" or "));
     }
     text
 }

@@ -13,6 +13,8 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::blob::operation::Permission;
+use crate::identity::{IdentityConfig, config::validate_from};
+use crate::per_source::PerSourceConfig;
 use crate::policy::{AllowRule, DEFAULT_PORT, HostPattern, Policy, normalize_name};
 
 /// Where the proxy listens by default. Loopback, so that running the binary without a config
@@ -138,6 +140,13 @@ pub struct Config {
     /// The blob gateway (docs/blob-gateway.md): off unless this section names a listener.
     #[serde(default)]
     pub blob: Option<BlobConfig>,
+    /// Workload identity (which pod is calling). Absent: no Kubernetes client at all, and
+    /// no rule may have `from:`.
+    #[serde(default)]
+    pub identity: Option<IdentityConfig>,
+    /// Limits per client address (fair share of the one door), always on.
+    #[serde(default)]
+    pub per_source: PerSourceConfig,
 }
 
 /// `blob:`: the gateway that signs Azure Blob requests for workloads holding no real key.
@@ -349,6 +358,7 @@ fn default_allow() -> Vec<AllowRule> {
         ports: vec![DEFAULT_PORT],
         cidrs: Vec::new(),
         only_cidrs: false,
+        from: Vec::new(),
     }]
 }
 
@@ -373,6 +383,8 @@ impl Default for Config {
             deny_cidrs: Vec::new(),
             hosts: BTreeMap::new(),
             blob: None,
+            identity: None,
+            per_source: PerSourceConfig::default(),
         }
     }
 }
@@ -534,6 +546,8 @@ impl Config {
             if rule.ports.contains(&0) {
                 return Err(invalid(format!("allow[{i}].ports"), "0 is not a port"));
             }
+            validate_from(&rule.from, self.identity.as_ref())
+                .map_err(|(field, m)| invalid(format!("allow[{i}].{field}"), m))?;
         }
         for (name, addrs) in &self.hosts {
             normalize_name(name).map_err(|m| invalid(format!("hosts.{name}"), m))?;
@@ -546,6 +560,14 @@ impl Config {
         }
         if let Some(blob) = &self.blob {
             blob.validate()?;
+        }
+        self.per_source
+            .validate()
+            .map_err(|(field, m)| invalid(format!("perSource.{field}"), m))?;
+        if let Some(identity) = &self.identity {
+            identity
+                .validate()
+                .map_err(|(field, m)| invalid(format!("identity.{field}"), m))?;
         }
         Ok(())
     }
@@ -776,6 +798,131 @@ blob:
         let e = err(&format!("{BLOB}{second}"));
         assert!(
             e.contains("`blob.accounts[1].name`: \"pg-prod\" is listed twice"),
+            "{e}"
+        );
+    }
+
+    const IDENTITY: &str = r#"
+identity:
+  podSelector: egress-gate.io/client=true
+  namespaces: [db-a, velero]
+  unknownWait: 500ms
+  unidentified: global
+allow:
+  - host: acct-a.blob.core.windows.net
+    cidrs: [10.20.0.0/16]
+    from:
+      - namespaces: [db-a]
+        podLabels: {cnpg.io/cluster: pg-a}
+      - serviceAccounts: [velero/velero]
+  - host: shared.blob.core.windows.net
+"#;
+
+    #[test]
+    fn identity_section_and_from_parse() {
+        let c = Config::parse(IDENTITY, "t").unwrap();
+        let identity = c.identity.as_ref().unwrap();
+        assert_eq!(identity.namespaces, vec!["db-a", "velero"]);
+        assert_eq!(identity.unknown_wait.0, Duration::from_millis(500));
+        assert_eq!(identity.unidentified, crate::identity::Unidentified::Global);
+        assert_eq!(c.allow[0].from.len(), 2);
+        assert_eq!(c.allow[0].from[1].service_accounts, vec!["velero/velero"]);
+        assert!(c.allow[1].from.is_empty());
+        let c = Config::parse("identity: {}", "t").unwrap();
+        let identity = c.identity.unwrap();
+        assert_eq!(identity.pod_selector, "egress-gate.io/client=true");
+        assert_eq!(identity.unknown_wait.0, Duration::from_secs(2));
+        assert_eq!(identity.unidentified, crate::identity::Unidentified::Deny);
+        assert!(Config::parse("", "t").unwrap().identity.is_none());
+    }
+
+    #[test]
+    fn rules_with_from_apply_only_to_the_workloads_they_select() {
+        use crate::identity::SlimPod;
+        use crate::identity::index::Phase;
+        use crate::policy::Denial;
+        let policy = Config::parse(IDENTITY, "t").unwrap().policy();
+        let target = |h: &str| crate::policy::Target {
+            host: crate::policy::Host::Name(h.to_owned()),
+            port: 443,
+        };
+        let pod = |ns: &str, cluster: &str, sa: &str| SlimPod {
+            uid: "u".into(),
+            namespace: ns.into(),
+            name: "p".into(),
+            labels: [("cnpg.io/cluster".to_owned(), cluster.to_owned())]
+                .into_iter()
+                .collect(),
+            service_account: sa.into(),
+            ips: vec![],
+            host_ips: vec![],
+            phase: Phase::Running,
+            terminating: false,
+        };
+        let acct_a = target("acct-a.blob.core.windows.net");
+        let shared = target("shared.blob.core.windows.net");
+        // Not identified: only the rule without from: applies.
+        assert_eq!(
+            policy.authorize(&acct_a).err(),
+            Some(Denial::WorkloadNotAllowed)
+        );
+        assert_eq!(policy.authorize(&shared).unwrap().rules, vec![1]);
+        // The first entry: namespace and label both.
+        let pg_a = pod("db-a", "pg-a", "pg-a");
+        assert_eq!(
+            policy.authorize_for(&acct_a, Some(&pg_a)).unwrap().rules,
+            vec![0]
+        );
+        let pg_b = pod("db-a", "pg-b", "pg-b");
+        assert_eq!(
+            policy.authorize_for(&acct_a, Some(&pg_b)).err(),
+            Some(Denial::WorkloadNotAllowed)
+        );
+        assert!(policy.authorize_for(&shared, Some(&pg_b)).is_ok());
+        // The second entry: the service account, in its namespace.
+        let velero = pod("velero", "", "velero");
+        assert!(policy.authorize_for(&acct_a, Some(&velero)).is_ok());
+        let impostor = pod("db-b", "", "velero");
+        assert!(policy.authorize_for(&acct_a, Some(&impostor)).is_err());
+        assert_eq!(
+            policy
+                .authorize_for(&target("other.example"), Some(&pg_a))
+                .err(),
+            Some(Denial::HostNotAllowed)
+        );
+    }
+
+    #[test]
+    fn identity_errors_name_the_field() {
+        assert!(err("identity: {podSelectr: a=b}").contains("podSelectr"));
+        assert!(err("identity: {unidentified: allow}").contains("identity.unidentified"));
+        assert!(err("identity: {unknownWait: 1m}").contains("`identity.unknownWait`"));
+        assert!(err("identity: {podSelector: ''}").contains("`identity.podSelector`"));
+        assert!(err("identity: {podSelector: 'a in (b)'}").contains("`identity.podSelector`"));
+        assert!(err("identity: {namespaces: [Db]}").contains("`identity.namespaces[0]`"));
+        assert!(
+            err("allow: [{host: x.com, from: [{namespaces: [a]}]}]")
+                .contains("`allow[0].from`: needs the identity: section")
+        );
+        assert!(
+            err("identity: {}\nallow: [{host: x.com, from: [{}]}]").contains("`allow[0].from[0]`")
+        );
+        assert!(
+            err("identity: {}\nallow: [{host: x.com, from: [{podLabels: {'a/': b}}]}]")
+                .contains("`allow[0].from[0].podLabels.a/`")
+        );
+        assert!(
+            err("identity: {}\nallow: [{host: x.com, from: [{namespace: [a]}]}]")
+                .contains("namespace")
+        );
+        let e = Config::parse(
+            "identity:\n  namespaces: [db-a]\nallow:\n  - host: x.com\n    from:\n      - serviceAccounts: [db-b/pg]\n",
+            "p.yaml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with("config file p.yaml:6: field `allow[0].from[0].serviceAccounts[0]`"),
             "{e}"
         );
     }

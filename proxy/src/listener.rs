@@ -16,6 +16,7 @@ use tokio_rustls::TlsAcceptor;
 use crate::accept::AcceptErrors;
 use crate::config::Config;
 use crate::dial::tune;
+use crate::identity::Identities;
 use crate::metrics::ReasonLabel;
 use crate::state::{Live, Shared, StartError};
 use crate::{admin, blob, tunnel};
@@ -53,6 +54,9 @@ impl Handle {
     /// (keeping the old settings) when TLS files cannot be loaded.
     pub fn reload(&self, config: &Config) -> Result<(), StartError> {
         let result = Live::from_config(config).map(|live| self.shared.replace_live(live));
+        if result.is_ok() {
+            self.shared.per_source.set_limits(config.per_source);
+        }
         self.shared.count_reload(result.is_ok());
         result
     }
@@ -92,7 +96,22 @@ pub struct Server {
 
 impl Server {
     /// Binds every listener (so a port clash fails the start, not the first connection).
+    /// With `identity:`, the Kubernetes client comes from the environment: the service
+    /// account's in-cluster config in a pod, else `KUBECONFIG` or `~/.kube/config`.
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        let client = match &config.identity {
+            Some(_) => Some(kube::Client::try_default().await?),
+            None => None,
+        };
+        Self::bind_with_client(config, client).await
+    }
+
+    /// [`Server::bind`] with a given Kubernetes client for the pod watch (tests, embedders);
+    /// ignored without `identity:`. With `identity:` and no client, it is an error.
+    pub async fn bind_with_client(
+        config: &Config,
+        client: Option<kube::Client>,
+    ) -> Result<Self, StartError> {
         let live = Live::from_config(config)?;
         let bind = |addr: SocketAddr| async move {
             TcpListener::bind(addr)
@@ -114,7 +133,17 @@ impl Server {
                 blob.tls = Some(bind(t.listen).await?);
             }
         }
-        let shared = Arc::new(Shared::new(live, config.max_tunnels));
+        let mut shared = Shared::new(live, config.max_tunnels);
+        shared.per_source.set_limits(config.per_source);
+        if let Some(identity) = &config.identity {
+            let client = client.ok_or(StartError::NoKubeClient)?;
+            shared.identity = Some(Identities::start(
+                identity,
+                client,
+                shared.metrics.identity.clone(),
+            ));
+        }
+        let shared = Arc::new(shared);
         Ok(Self {
             plain,
             tls,
@@ -244,6 +273,13 @@ async fn accept_loop(
             () = shared.draining() => return,
         };
         backoff = ACCEPT_BACKOFF_MIN;
+        let source = match shared.per_source.admit(peer.ip(), Instant::now()) {
+            Ok(guard) => guard,
+            Err(limit) => {
+                refuse_source(&socket, kind, peer, limit, &shared);
+                continue;
+            }
+        };
         // Gateway connections are bounded by the accept slots; tunnel permits are the
         // CONNECT path's budget.
         let permit = match kind {
@@ -274,10 +310,41 @@ async fn accept_loop(
                     }
                 }
             }
+            drop(source);
             drop(slot);
             drop(done);
         });
     }
+}
+
+/// Answers a connection past its source's limit at once, without a task or a tunnel slot,
+/// and closes it: the answer fits in an empty socket buffer, so a non-blocking write
+/// suffices. TLS clients are closed without an answer (there is no handshake to spend on
+/// them). Logged at debug only: a flood would otherwise flood the log; the metrics count it.
+fn refuse_source(
+    socket: &TcpStream,
+    kind: Kind,
+    peer: SocketAddr,
+    limit: crate::per_source::SourceLimit,
+    shared: &Shared,
+) {
+    // Plain-text listeners can be told why; a TLS client would see bytes before its handshake.
+    if matches!(kind, Kind::Plain | Kind::Blob) {
+        let _ = socket.try_write(&limit.response());
+    }
+    tracing::debug!(client = %peer, reason = limit.reason(), "refused: per-source limit");
+    shared
+        .metrics
+        .tunnels
+        .get_or_create(&crate::metrics::CodeLabel { code: "429".into() })
+        .inc();
+    shared
+        .metrics
+        .denials
+        .get_or_create(&ReasonLabel {
+            reason: limit.reason().to_owned(),
+        })
+        .inc();
 }
 
 async fn tls_serve(

@@ -228,9 +228,10 @@ fn reload(args: &Args, running: &Config, handle: &Handle) {
         || next.worker_threads != running.worker_threads
         || next.tls.as_ref().map(|t| t.listen) != running.tls.as_ref().map(|t| t.listen)
         || blob_listeners(&next) != blob_listeners(running)
+        || next.identity != running.identity
     {
         tracing::warn!(
-            "listen, adminListen, tls.listen, blob.listen, blob.tls.listen, maxTunnels, logFormat and workerThreads changes apply at the next restart"
+            "listen, adminListen, tls.listen, blob.listen, blob.tls.listen, maxTunnels, logFormat, workerThreads and identity changes apply at the next restart"
         );
     }
     match handle.reload(&next) {

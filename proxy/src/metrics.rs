@@ -86,6 +86,8 @@ pub struct Metrics {
     pub blob_bytes_up: Counter,
     /// Blob gateway response-body bytes returned to clients.
     pub blob_bytes_down: Counter,
+    /// Workload identity (issue 14): its own block, registered under `identity_`.
+    pub identity: crate::identity::metrics::IdentityMetrics,
 }
 
 impl Default for Metrics {
@@ -157,8 +159,12 @@ impl Metrics {
         let blob_bytes_down = blob_bytes
             .get_or_create(&DirectionLabel { direction: "down" })
             .clone();
+        // Workload identity: registered whether or not it is configured, so dashboards see
+        // `identity_synced 0` rather than no series.
+        let identity = crate::identity::metrics::IdentityMetrics::register(&mut registry);
         Self {
             registry,
+            identity,
             tunnels_active,
             tunnels,
             denials,

@@ -10,6 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::identity::{SlimPod, WorkloadSelector};
+
 /// HTTPS only: the proxy tunnels TLS, so 443 is the only port allowed unless a rule says more.
 pub const DEFAULT_PORT: u16 = 443;
 
@@ -60,6 +62,10 @@ pub struct AllowRule {
     /// Off: `cidrs` only opens private ranges and public addresses stay allowed.
     #[serde(default, rename = "onlyCIDRs")]
     pub only_cidrs: bool,
+    /// Which workloads the rule is for (any entry may match; the fields of one entry all
+    /// must). Empty: every client the pod -> proxy policy admits, as before identity existed.
+    #[serde(default)]
+    pub from: Vec<WorkloadSelector>,
 }
 
 fn default_ports() -> Vec<u16> {
@@ -73,6 +79,11 @@ pub enum Denial {
     /// No rule names this host.
     #[error("host not allowed")]
     HostNotAllowed,
+    /// Rules name this host, but each has a `from:` that does not select the caller.
+    #[error(
+        "host not allowed for this workload (the rules naming it have from: lists that do not select it)"
+    )]
+    WorkloadNotAllowed,
     /// A rule names the host, but not this port.
     #[error("port not allowed")]
     PortNotAllowed,
@@ -120,6 +131,7 @@ impl Denial {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::HostNotAllowed => "host-not-allowed",
+            Self::WorkloadNotAllowed => "workload-not-allowed",
             Self::PortNotAllowed => "port-not-allowed",
             Self::IpLiteralNotAllowed | Self::LiteralEmbedsIpv4 { .. } => "ip-literal-not-allowed",
             Self::AddressDenied(_) | Self::EmbeddedAddressDenied { .. } => "address-denied",
@@ -235,6 +247,22 @@ struct Rule {
     cidrs: Vec<IpNet>,
     /// `onlyCIDRs`: every address must lie inside `cidrs`, public ones included.
     only_cidrs: bool,
+    /// `from:`; empty: the rule is for every client.
+    from: Vec<WorkloadSelector>,
+    /// The rule's position in `allow`, for the access log (`allow[2]`).
+    index: usize,
+}
+
+impl Rule {
+    /// Whether the rule applies to a connection from `caller` (`None`: not identified).
+    fn applies_to(&self, caller: Option<&SlimPod>) -> bool {
+        self.from.is_empty()
+            || caller.is_some_and(|pod| {
+                self.from
+                    .iter()
+                    .any(|f| f.matches(&pod.namespace, &pod.labels, &pod.service_account))
+            })
+    }
 }
 
 /// What one matching rule lets a target's addresses be: the unit an address is checked
@@ -255,6 +283,8 @@ pub struct Grant {
     pub scopes: Vec<Scope>,
     /// Addresses known without DNS (an IP literal, or a `hosts` override).
     pub known_addrs: Option<Vec<IpAddr>>,
+    /// Positions in `allow` of the rules that matched, for the access log.
+    pub rules: Vec<usize>,
 }
 
 /// The compiled policy.
@@ -281,7 +311,8 @@ impl Policy {
     ) -> Self {
         let rules = allow
             .iter()
-            .filter_map(|r| {
+            .enumerate()
+            .filter_map(|(index, r)| {
                 let host = match &r.host {
                     Some(h) => Some(HostPattern::parse(h).ok()?),
                     None => None,
@@ -291,6 +322,8 @@ impl Policy {
                     ports: r.ports.clone(),
                     cidrs: r.cidrs.iter().map(IpNet::trunc).collect(),
                     only_cidrs: r.only_cidrs,
+                    from: r.from.clone(),
+                    index,
                 })
             })
             .collect();
@@ -309,32 +342,52 @@ impl Policy {
         }
     }
 
-    /// First decision, before any I/O: does a rule allow this host and port?
+    /// First decision, before any I/O: does a rule allow this host and port to a client that
+    /// is not identified? Only rules without `from:` can.
     pub fn authorize(&self, target: &Target) -> Result<Grant, Denial> {
+        self.authorize_for(target, None)
+    }
+
+    /// [`Policy::authorize`] for a connection from `caller`: the rules without `from:`, and
+    /// the rules whose `from:` selects the pod. `None`: not identified.
+    pub fn authorize_for(
+        &self,
+        target: &Target,
+        caller: Option<&SlimPod>,
+    ) -> Result<Grant, Denial> {
         match &target.host {
             Host::Name(name) => {
-                let by_host: Vec<&Rule> = self
+                let named: Vec<&Rule> = self
                     .rules
                     .iter()
                     .filter(|r| r.host.as_ref().is_some_and(|p| p.matches(name)))
                     .collect();
-                if by_host.is_empty() {
+                if named.is_empty() {
                     return Err(Denial::HostNotAllowed);
                 }
-                let scopes: Vec<Scope> = by_host
+                let by_host: Vec<&Rule> =
+                    named.into_iter().filter(|r| r.applies_to(caller)).collect();
+                if by_host.is_empty() {
+                    return Err(Denial::WorkloadNotAllowed);
+                }
+                let (scopes, rules): (Vec<Scope>, Vec<usize>) = by_host
                     .into_iter()
                     .filter(|r| r.ports.contains(&target.port))
-                    .map(|r| Scope {
-                        cidrs: r.cidrs.clone(),
-                        only_cidrs: r.only_cidrs,
+                    .map(|r| {
+                        let scope = Scope {
+                            cidrs: r.cidrs.clone(),
+                            only_cidrs: r.only_cidrs,
+                        };
+                        (scope, r.index)
                     })
-                    .collect();
+                    .unzip();
                 if scopes.is_empty() {
                     return Err(Denial::PortNotAllowed);
                 }
                 Ok(Grant {
                     scopes,
                     known_addrs: self.hosts.get(name).cloned(),
+                    rules,
                 })
             }
             Host::Ip(ip) => {
@@ -342,21 +395,26 @@ impl Policy {
                 // leaves as IPv4), so it is that address. Every other IPv6 form is IPv6: an
                 // IPv4 range does not contain it, whatever it embeds.
                 let ip = ip.to_canonical();
-                let scopes: Vec<Scope> = self
+                let (scopes, rules): (Vec<Scope>, Vec<usize>) = self
                     .rules
                     .iter()
-                    .filter(|r| r.host.is_none() && r.ports.contains(&target.port))
-                    .map(|r| Scope {
-                        cidrs: r
-                            .cidrs
-                            .iter()
-                            .copied()
-                            .filter(|c| c.contains(&ip))
-                            .collect(),
-                        only_cidrs: r.only_cidrs,
+                    .filter(|r| {
+                        r.host.is_none() && r.ports.contains(&target.port) && r.applies_to(caller)
                     })
-                    .filter(|s| !s.cidrs.is_empty())
-                    .collect();
+                    .map(|r| {
+                        let scope = Scope {
+                            cidrs: r
+                                .cidrs
+                                .iter()
+                                .copied()
+                                .filter(|c| c.contains(&ip))
+                                .collect(),
+                            only_cidrs: r.only_cidrs,
+                        };
+                        (scope, r.index)
+                    })
+                    .filter(|(s, _)| !s.cidrs.is_empty())
+                    .unzip();
                 if scopes.is_empty() {
                     return Err(match ip {
                         IpAddr::V6(addr) => match embedded_ipv4(addr).first() {
@@ -373,6 +431,7 @@ impl Policy {
                 Ok(Grant {
                     scopes,
                     known_addrs: Some(vec![ip]),
+                    rules,
                 })
             }
         }

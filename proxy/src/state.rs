@@ -13,7 +13,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use crate::blob::accounts::{Accounts, LoadError};
 use crate::blob::upstream::ClientSettings;
 use crate::config::Config;
+use crate::identity::Identities;
 use crate::metrics::{Metrics, ResultLabel};
+use crate::per_source::PerSource;
 use crate::policy::Policy;
 use crate::tls::{TlsError, load_server_config};
 
@@ -63,6 +65,13 @@ pub enum StartError {
     /// A blob gateway key or CA file could not be used.
     #[error(transparent)]
     Blob(#[from] LoadError),
+    /// `identity:` is configured and no Kubernetes client could be built (neither the
+    /// in-cluster service account nor `KUBECONFIG` / `~/.kube/config` is usable).
+    #[error("identity: cannot build a Kubernetes client (in-cluster config or KUBECONFIG): {0}")]
+    Kube(#[from] kube::Error),
+    /// `identity:` is configured and the embedder passed no client.
+    #[error("identity: configured, but no Kubernetes client was given")]
+    NoKubeClient,
 }
 
 impl Live {
@@ -118,6 +127,10 @@ pub struct Shared {
     draining: watch::Sender<bool>,
     /// Set when the drain deadline passes: open tunnels are cut.
     force: watch::Sender<bool>,
+    /// The pod watch, when `identity:` is configured; `None` = no Kubernetes client at all.
+    pub identity: Option<Identities>,
+    /// Open connections and connection rate per client address.
+    pub per_source: Arc<PerSource>,
 }
 
 impl Shared {
@@ -130,6 +143,8 @@ impl Shared {
             ready: AtomicBool::new(true),
             draining: watch::Sender::new(false),
             force: watch::Sender::new(false),
+            identity: None,
+            per_source: Arc::new(PerSource::new(Default::default())),
         }
     }
 
@@ -157,9 +172,25 @@ impl Shared {
         self.tunnels.clone().try_acquire_owned().ok()
     }
 
-    /// Whether `/readyz` says ready.
+    /// Whether `/readyz` says ready: not draining, and the pod index (if any) has synced.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.not_ready_reason().is_none()
+    }
+
+    /// Why `/readyz` fails, or `None` when ready.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if !self.ready.load(Ordering::Relaxed) {
+            Some("draining")
+        } else if self.identity_pending() {
+            Some("identity index not synced")
+        } else {
+            None
+        }
+    }
+
+    /// Whether identity is on and its first full pod list has not completed: tunnels wait.
+    pub fn identity_pending(&self) -> bool {
+        self.identity.as_ref().is_some_and(|i| !i.synced())
     }
 
     /// Starts the drain: `/readyz` fails and the accept loops stop.

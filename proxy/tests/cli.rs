@@ -114,6 +114,39 @@ fn check_config_errors_exit_64_with_file_field_and_line() {
 }
 
 #[test]
+fn check_config_shows_identity_and_who_each_rule_is_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(
+        dir.path(),
+        "identity:\n  namespaces: [db-a, velero]\nallow:\n  - host: acct-a.blob.core.windows.net\n    from:\n      - namespaces: [db-a]\n        podLabels: {cnpg.io/cluster: pg-a}\n      - serviceAccounts: [velero/velero]\n",
+    );
+    let out = run(&["check-config", "--config", &config]);
+    let (stdout, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(
+        stdout.contains("  allow[0]: host acct-a.blob.core.windows.net, ports 443, from (namespaces db-a & podLabels cnpg.io/cluster=pg-a) or (serviceAccounts velero/velero)\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("identity: pods egress-gate.io/client=true in namespaces db-a,velero, unknownWait 2s, unidentified deny\n"),
+        "{stdout}"
+    );
+    let config = config_file(
+        dir.path(),
+        "allow:\n  - host: x.example\n    from: [{namespaces: [db-a]}]\n",
+    );
+    let out = run(&["check-config", "--config", &config]);
+    let (_, stderr) = text(&out);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "config file {config}:3: field `allow[0].from`: needs the identity: section"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn check_names_the_rule_the_addresses_and_the_verdict() {
     let dir = tempfile::tempdir().unwrap();
     let config = config_file(dir.path(), CONFIG);

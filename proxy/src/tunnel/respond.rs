@@ -27,6 +27,19 @@ pub enum Reject {
     /// `maxTunnels` tunnels are open already.
     #[error("tunnel limit reached")]
     AtCapacity,
+    /// Identity is on, the connection maps to no single pod (the kind says why: `unknown`,
+    /// `ambiguous` or `node`), and `identity.unidentified` is `deny`.
+    #[error(
+        "the proxy cannot tell which pod this connection comes from (identity: {0}), and unidentified clients are denied"
+    )]
+    Unidentified(&'static str),
+    /// The identified pod has `perSource.maxConnections` connections open already.
+    #[error("too many open connections from this workload")]
+    WorkloadLimit,
+    /// Identity is on and the first full pod list has not completed: nobody can be
+    /// identified yet, so nobody is judged yet.
+    #[error("the proxy has not finished listing pods yet; retry shortly")]
+    IdentityNotSynced,
     /// The drain deadline passed while the connection was still sending its head or being
     /// connected; it is closed without an answer, like the tunnels the deadline cuts.
     #[error("drain deadline passed before the tunnel opened")]
@@ -42,10 +55,11 @@ impl Reject {
             Self::Head(HeadError::Timeout) => 408,
             Self::Head(HeadError::TooLarge) => 431,
             Self::Head(HeadError::ClientGone) | Self::DrainDeadline => return None,
-            Self::Denied(_) => 403,
+            Self::Denied(_) | Self::Unidentified(_) => 403,
             Self::Dial(DialError::Resolve { .. } | DialError::Connect { .. }) => 502,
             Self::Dial(DialError::Timeout(_)) => 504,
-            Self::AtCapacity => 503,
+            Self::AtCapacity | Self::IdentityNotSynced => 503,
+            Self::WorkloadLimit => 429,
         })
     }
 
@@ -62,6 +76,9 @@ impl Reject {
             Self::Dial(DialError::Connect { .. }) => "connect-failure",
             Self::Dial(DialError::Timeout(_)) => "connect-timeout",
             Self::AtCapacity => "tunnel-limit",
+            Self::IdentityNotSynced => "identity-not-synced",
+            Self::Unidentified(_) => "unidentified-client",
+            Self::WorkloadLimit => "workload-connection-limit",
             Self::DrainDeadline => "drain-deadline",
         }
     }
@@ -75,10 +92,13 @@ impl Reject {
             }
             other => format!("{other}\n"),
         };
-        let allow = if status == 405 {
-            "Allow: CONNECT\r\n"
-        } else {
-            ""
+        let allow = match self {
+            Self::Head(HeadError::NotConnect(_)) => "Allow: CONNECT\r\n",
+            // The first list of a few thousand pods takes seconds; a client that honours
+            // Retry-After comes back about when the proxy is ready.
+            Self::IdentityNotSynced => "Retry-After: 1\r\n",
+            Self::WorkloadLimit => "Retry-After: 5\r\n",
+            _ => "",
         };
         Some(
             format!(
@@ -98,6 +118,7 @@ fn reason_phrase(status: u16) -> &'static str {
         403 => "Forbidden",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
@@ -132,6 +153,11 @@ mod tests {
         assert_eq!(s(HeadError::ClientGone.into()), None);
         assert_eq!(s(Reject::DrainDeadline), None);
         assert_eq!(s(Reject::AtCapacity), Some(503));
+        let early = String::from_utf8(Reject::IdentityNotSynced.response().unwrap()).unwrap();
+        assert!(
+            early.starts_with("HTTP/1.1 503 Service Unavailable\r\nX-Egress-Gate-Reason: identity-not-synced\r\nRetry-After: 1\r\n"),
+            "{early}"
+        );
         assert_eq!(
             s(DialError::Timeout(std::time::Duration::from_secs(1)).into()),
             Some(504)

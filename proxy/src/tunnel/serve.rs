@@ -13,7 +13,9 @@ use super::head::{self, HeadError};
 use super::relay::{self, ClientIo, Close};
 use super::respond::{ESTABLISHED, Reject};
 use crate::dial;
+use crate::identity::{Caller, Unidentified};
 use crate::metrics::{CodeLabel, ReasonLabel};
+use crate::per_source::WorkloadGuard;
 use crate::policy::Target;
 use crate::state::{Live, Shared};
 
@@ -34,6 +36,12 @@ struct Entry {
     target: Option<Target>,
     /// The address dialled, once connected.
     resolved: Option<SocketAddr>,
+    /// Who the connection comes from, when identity is on and the head was read.
+    caller: Option<Caller>,
+    /// Positions in `allow` of the rules that granted the target.
+    rules: Option<Vec<usize>>,
+    /// The identified pod's place in its connection count, held until the connection ends.
+    workload: Option<WorkloadGuard>,
 }
 
 /// Serves one accepted client connection. `permit` is `None` when `maxTunnels` tunnels are
@@ -52,6 +60,9 @@ pub(crate) async fn serve<C: ClientIo>(
         client: peer,
         target: None,
         resolved: None,
+        caller: None,
+        rules: None,
+        workload: None,
     };
     let outcome = if permit.is_some() {
         // The head and connect phases have their own timeouts, which can outlast the drain
@@ -126,7 +137,35 @@ async fn establish<C: AsyncRead + Unpin>(
     .await
     .map_err(|_| HeadError::Timeout)??;
     entry.target = Some(req.target.clone());
-    let grant = live.policy.authorize(&req.target)?;
+    if shared.identity_pending() {
+        return Err(Reject::IdentityNotSynced);
+    }
+    let mut unidentified = Unidentified::Global;
+    if let Some(identities) = &shared.identity {
+        // Boxed: the wait for an unknown address is a cold path that should not size
+        // every tunnel's task.
+        entry.caller = Some(Box::pin(identities.identify(entry.client.ip())).await);
+        unidentified = identities.unidentified();
+    }
+    let pod = match &entry.caller {
+        Some(caller) => match caller.pod() {
+            Some(pod) => {
+                let guard = shared
+                    .per_source
+                    .admit_workload(&pod.uid)
+                    .map_err(|_| Reject::WorkloadLimit)?;
+                entry.workload = Some(guard);
+                Some(pod)
+            }
+            None if unidentified == Unidentified::Deny => {
+                return Err(Reject::Unidentified(caller.kind()));
+            }
+            None => None,
+        },
+        None => None,
+    };
+    let grant = live.policy.authorize_for(&req.target, pod)?;
+    entry.rules = Some(grant.rules.clone());
     let t0 = Instant::now();
     let (upstream, addr) = dial::connect(
         &live.policy,
@@ -217,11 +256,25 @@ fn log(entry: &Entry, status: Option<u16>, up: u64, down: u64, started: Instant,
     let Logged { reason, detail } = close;
     let target = entry.target.as_ref().map(ToString::to_string);
     let resolved = entry.resolved.map(|a| a.to_string());
+    let pod = entry.caller.as_ref().and_then(Caller::pod);
+    let service_account = pod.map(|p| format!("{}/{}", p.namespace, p.service_account));
+    let rule = entry.rules.as_ref().map(|rules| {
+        rules
+            .iter()
+            .map(|i| format!("allow[{i}]"))
+            .collect::<Vec<_>>()
+            .join(",")
+    });
     tracing::info!(
         target: "egress_proxy::access",
         client = %entry.client,
         target = target.as_deref().unwrap_or("-"),
         resolved = resolved.as_deref().unwrap_or("-"),
+        identity = entry.caller.as_ref().map_or("-", Caller::kind),
+        src_namespace = pod.map_or("-", |p| &*p.namespace),
+        src_pod = pod.map_or("-", |p| &*p.name),
+        src_sa = service_account.as_deref().unwrap_or("-"),
+        rule = rule.as_deref().unwrap_or("-"),
         status = status.unwrap_or(0),
         bytes_up = up,
         bytes_down = down,

@@ -991,7 +991,9 @@ fn every_kustomization_creates_the_namespaces_it_fills() {
             let Some(ns) = doc["metadata"]["namespace"].as_str() else {
                 continue;
             };
-            let onto_install = ns == NS && name.starts_with("deploy/netpol/");
+            let onto_install = ns == NS
+                && (name.starts_with("deploy/netpol/")
+                    || name.starts_with("deploy/identity/netpol/"));
             assert!(
                 created.contains(ns) || onto_install,
                 "{name}: {} is in namespace {ns}, which it does not create",
@@ -1142,4 +1144,70 @@ fn aks_runbook_overlays_render_and_configure_as_written() {
         rule["cidrs"][0]
     );
     assert_eq!(netpol.len(), 5, "the whole AKS flavour");
+}
+
+#[test]
+fn identity_component_grants_the_pod_watch_and_nothing_more() {
+    // The base alone: no token, no RBAC for the proxy (checked above as well).
+    let proxy_sa = find(base(), "ServiceAccount", "egress-proxy").unwrap();
+    assert_eq!(proxy_sa["automountServiceAccountToken"], false);
+    // The component alone renders only cluster-scoped RBAC.
+    let component = rendered("deploy/identity");
+    assert_eq!(component.len(), 2);
+    let role = find(&component, "ClusterRole", "egress-proxy-pods").unwrap();
+    assert_eq!(
+        grants(role),
+        expect(&[("", "pods", &["list", "watch"], "*")]),
+        "the watch and the direct lookup by status.podIP, nothing else"
+    );
+    // With the base: the binding names the proxy's account, and the token is mounted.
+    let docs = render(&repo_root().join("tests/manifests/fixtures/identity-overlay")).unwrap();
+    let binding = find(&docs, "ClusterRoleBinding", "egress-proxy-pods").unwrap();
+    assert_eq!(binding["roleRef"]["name"], "egress-proxy-pods");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "egress-proxy", "namespace": NS}])
+    );
+    let sa = find(&docs, "ServiceAccount", "egress-proxy").unwrap();
+    assert_eq!(sa["automountServiceAccountToken"], true);
+    let deployment = find(&docs, "Deployment", "egress-proxy").unwrap();
+    assert_eq!(
+        deployment["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        true
+    );
+    // Everything else is the base, unchanged.
+    assert_eq!(docs.len(), base().len() + 2);
+    let webhook = find(&docs, "Deployment", "egress-webhook").unwrap();
+    assert_eq!(
+        webhook,
+        find(base(), "Deployment", "egress-webhook").unwrap()
+    );
+
+    // The proxy -> API server path, in both flavours, for the proxy only, on the API ports.
+    for dir in [
+        "deploy/identity/netpol/kubernetes",
+        "deploy/identity/netpol/cilium",
+    ] {
+        let docs = rendered(dir);
+        assert_eq!(docs.len(), 1, "{dir}");
+        let policy = &docs[0];
+        assert_eq!(
+            policy["metadata"]["name"], "egress-proxy-to-apiserver",
+            "{dir}"
+        );
+        assert_eq!(policy["metadata"]["namespace"], NS, "{dir}");
+        assert_eq!(policies_for(&docs, "egress-proxy").len(), 1, "{dir}");
+        let text = policy.to_string();
+        assert!(
+            text.contains("443") && text.contains("6443"),
+            "{dir}: {text}"
+        );
+        // Not an egress out of the cluster: no approval annotation.
+        assert!(policy["metadata"]["annotations"]["egress-gate.io/approval"].is_null());
+    }
+    let cilium = rendered("deploy/identity/netpol/cilium");
+    assert_eq!(
+        cilium[0]["spec"]["egress"][0]["toEntities"],
+        json!(["kube-apiserver"])
+    );
 }
