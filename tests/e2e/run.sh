@@ -2,7 +2,7 @@
 # End to end: a real PostgreSQL backs up to Azure (Azurite over HTTPS) through egress-gate.
 # Three network namespaces made here and removed on exit: pod (PostgreSQL, barman-cloud, the
 # Azure SDK; its only route is to proxy), proxy (egress-proxy or Envoy), azure (Azurite).
-# The pod's proxy env comes from `egress-webhook inject` on the CNPG instance fixture.
+# The pod's proxy env comes from `egress-webhook inject --offline` on the CNPG instance fixture.
 #
 # Needs root (ip netns) and tests/e2e/install.sh run first; scripts/e2e.sh does both and
 # builds the binaries. E2E_BIN=dir picks the binaries (default target/debug).
@@ -255,7 +255,7 @@ inject_env() { # proxy-url out-file [fixture container...] (default: the CNPG in
   local proxy_url=$1 out=$2 fixture=${3:-cnpg-instance.json}
   shift 2; shift $(($# > 0 ? 1 : 0))
   printf 'proxyURL: %s\n' "$proxy_url" >"$run/webhook.yaml"
-  "$bin/egress-webhook" inject -f "$root/webhook/tests/fixtures/pods/$fixture" \
+  "$bin/egress-webhook" inject --offline -f "$root/webhook/tests/fixtures/pods/$fixture" \
     --config "$run/webhook.yaml" >"$run/injected.yaml" 2>"$logs/inject.log"
   {
     echo "PATH=$venv/bin:$pgbin:/usr/local/bin:/usr/bin:/bin"
