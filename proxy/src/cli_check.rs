@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use egress_proxy::Config;
 use egress_proxy::dial::resolve;
+use egress_proxy::identity::index::{Phase, SlimPod};
 use egress_proxy::policy::{AllowRule, Denial, Host, Target};
 use egress_proxy::tunnel::head::parse_authority;
 
@@ -90,7 +91,7 @@ fn describe(rule: &AllowRule) -> String {
 
 /// Would `target` pass? Prints the matching rules, the addresses and the verdict; exits 0
 /// when it would be tunnelled, [`EXIT_DENIED`] when refused.
-pub fn check(config: &Config, target: &str) -> ExitCode {
+pub fn check(config: &Config, target: &str, caller: Option<&SlimPod>) -> ExitCode {
     let target = match parse_authority(target) {
         Ok(t) => t,
         Err(e) => {
@@ -104,19 +105,42 @@ pub fn check(config: &Config, target: &str) -> ExitCode {
         eprintln!("egress-proxy: warning: {w}");
     }
     println!("target: {target}");
+    if config.identity.is_some() {
+        match caller {
+            Some(pod) => println!(
+                "caller: a pod in namespace {} with service account {} and {} label{}",
+                pod.namespace,
+                pod.service_account,
+                pod.labels.len(),
+                if pod.labels.len() == 1 { "" } else { "s" }
+            ),
+            None => println!("caller: unidentified (--as-namespace asks as a pod)"),
+        }
+    }
     let policy = config.policy();
-    let grant = match policy.authorize(&target) {
+    let grant = match policy.authorize_for(&target, caller) {
         Ok(g) => g,
         Err(denial) => {
-            if denial == Denial::PortNotAllowed {
-                for i in matching_rules(config, &target, true) {
-                    println!("rule: allow[{i}] names the host, not port {}", target.port);
+            match denial {
+                Denial::PortNotAllowed => {
+                    for i in matching_rules(config, &target, caller, true) {
+                        println!("rule: allow[{i}] names the host, not port {}", target.port);
+                    }
                 }
+                // Say which workloads the host is for, so the fix is visible.
+                Denial::WorkloadNotAllowed => {
+                    for (i, rule) in config.allow.iter().enumerate() {
+                        if !rule.from.is_empty() && rule_names_host(rule, &target) {
+                            println!("rule: allow[{i}] is only for: {}", describe(rule));
+                        }
+                    }
+                }
+                _ => {}
             }
             return verdict_denied(&denial);
         }
     };
-    for i in matching_rules(config, &target, false) {
+    for i in matching_rules(config, &target, caller, false) {
         println!("rule: allow[{i}]: {}", describe(&config.allow[i]));
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -172,16 +196,58 @@ fn verdict_denied(denial: &Denial) -> ExitCode {
 /// The indexes of the rules that allow the target by themselves: each rule is compiled
 /// alone and asked, so the answer comes from the proxy's own matching. With `host_only`,
 /// the rules that name the host whatever the port.
-fn matching_rules(config: &Config, target: &Target, host_only: bool) -> Vec<usize> {
+fn matching_rules(
+    config: &Config,
+    target: &Target,
+    caller: Option<&SlimPod>,
+    host_only: bool,
+) -> Vec<usize> {
     (0..config.allow.len())
         .filter(|&i| {
             let mut alone = config.clone();
             alone.allow = vec![config.allow[i].clone()];
-            match alone.policy().authorize(target) {
+            match alone.policy().authorize_for(target, caller) {
                 Ok(_) => true,
                 Err(Denial::PortNotAllowed) => host_only,
                 Err(_) => false,
             }
         })
         .collect()
+}
+
+/// Whether `rule` names the target's host on its port, whoever asks: the rule compiled alone,
+/// with its `from:` dropped, allows the target.
+fn rule_names_host(rule: &AllowRule, target: &Target) -> bool {
+    let mut open = rule.clone();
+    open.from.clear();
+    egress_proxy::policy::Policy::new(&[open], &[], &Default::default())
+        .authorize(target)
+        .is_ok()
+}
+
+/// The pod `check --as-namespace` asks as: only what `from:` matches on (namespace, labels,
+/// service account) is filled in.
+pub fn caller(
+    namespace: &str,
+    labels: &[String],
+    service_account: &str,
+) -> Result<SlimPod, String> {
+    let mut map = std::collections::BTreeMap::new();
+    for label in labels {
+        let (k, v) = label
+            .split_once('=')
+            .ok_or_else(|| format!("--as-label {label:?}: expected KEY=VALUE"))?;
+        map.insert(k.to_owned(), v.to_owned());
+    }
+    Ok(SlimPod {
+        uid: "egress-proxy-check".into(),
+        namespace: namespace.into(),
+        name: "egress-proxy-check".into(),
+        labels: map.into(),
+        service_account: service_account.into(),
+        ips: Vec::new(),
+        host_ips: Vec::new(),
+        phase: Phase::Running,
+        terminating: false,
+    })
 }

@@ -64,6 +64,22 @@ enum Offline {
         /// The CONNECT target: `host:port`, `a.b.c.d:port` or `[v6]:port`.
         #[arg(value_name = "HOST:PORT")]
         target: String,
+        /// With `identity:`, ask as a pod of this namespace (the rules whose `from:` select
+        /// it apply, as for a connection the proxy identified). Without it, the caller is
+        /// unidentified.
+        #[arg(long = "as-namespace", value_name = "NAMESPACE")]
+        as_namespace: Option<String>,
+        /// The asking pod's labels (`key=value`, repeatable); needs --as-namespace.
+        #[arg(long = "as-label", value_name = "KEY=VALUE", requires = "as_namespace")]
+        as_labels: Vec<String>,
+        /// The asking pod's service account; needs --as-namespace.
+        #[arg(
+            long = "as-service-account",
+            value_name = "NAME",
+            default_value = "default",
+            requires = "as_namespace"
+        )]
+        as_service_account: String,
     },
     /// Blob gateway helpers.
     #[command(subcommand)]
@@ -115,7 +131,24 @@ fn main() -> ExitCode {
     match &args.command {
         Some(Offline::Completion { .. }) => {}
         Some(Offline::CheckConfig) => return cli_check::check_config(&config),
-        Some(Offline::Check { target }) => return cli_check::check(&config, target),
+        Some(Offline::Check {
+            target,
+            as_namespace,
+            as_labels,
+            as_service_account,
+        }) => {
+            let caller = match as_namespace {
+                None => None,
+                Some(ns) => match cli_check::caller(ns, as_labels, as_service_account) {
+                    Ok(pod) => Some(pod),
+                    Err(e) => {
+                        eprintln!("egress-proxy: {e}");
+                        return ExitCode::from(2);
+                    }
+                },
+            };
+            return cli_check::check(&config, target, caller.as_ref());
+        }
         Some(Offline::Blob(BlobCommand::ClientConfig(a))) => {
             return cli_blob::client_config(&config, a);
         }

@@ -253,3 +253,84 @@ fn completion_prints_a_script_without_reading_a_config() {
         "{stdout}"
     );
 }
+
+/// A rule only two workloads may use, as in docs/proxy.md's identity example.
+const IDENTITY_CONFIG: &str = "\
+identity:
+  namespaces: [db-a, velero]
+hosts:
+  acct-a.blob.core.windows.net: [10.20.0.5]
+allow:
+  - host: acct-a.blob.core.windows.net
+    cidrs: [10.20.0.0/16]
+    onlyCIDRs: true
+    from:
+      - namespaces: [db-a]
+        podLabels: {cnpg.io/cluster: pg-a}
+      - serviceAccounts: [velero/velero]
+";
+
+#[test]
+fn check_with_identity_answers_for_which_workload() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config_file(dir.path(), IDENTITY_CONFIG);
+    let target = "acct-a.blob.core.windows.net:443";
+    let ask = |extra: &[&str]| {
+        let mut args = vec!["check", "--config", &config, target];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        let (stdout, stderr) = text(&out);
+        (out.status.code(), stdout, stderr)
+    };
+
+    // Unidentified: refused, and the rule says whom it is for.
+    let (code, stdout, _) = ask(&[]);
+    assert_eq!(code, Some(1), "{stdout}");
+    assert!(
+        stdout.contains("caller: unidentified (--as-namespace asks as a pod)\n"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "rule: allow[0] is only for: host acct-a.blob.core.windows.net, ports 443, \
+             cidrs 10.20.0.0/16, onlyCIDRs, from (namespaces db-a & podLabels \
+             cnpg.io/cluster=pg-a) or (serviceAccounts velero/velero)\n"
+        ),
+        "{stdout}"
+    );
+    assert!(stdout.contains("reason: workload-not-allowed"), "{stdout}");
+
+    // The CNPG cluster's pod and Velero's service account pass; another namespace does not,
+    // nor the right namespace without the label.
+    let (code, stdout, _) = ask(&[
+        "--as-namespace",
+        "db-a",
+        "--as-label",
+        "cnpg.io/cluster=pg-a",
+    ]);
+    assert_eq!(code, Some(0), "{stdout}");
+    assert!(
+        stdout.contains("verdict: allowed\ndials: 10.20.0.5\n"),
+        "{stdout}"
+    );
+    let (code, stdout, _) = ask(&["--as-namespace", "velero", "--as-service-account", "velero"]);
+    assert_eq!(code, Some(0), "{stdout}");
+    for refused in [
+        &["--as-namespace", "db-b"][..],
+        &["--as-namespace", "db-a"][..],
+    ] {
+        let (code, stdout, _) = ask(refused);
+        assert_eq!(code, Some(1), "{refused:?}: {stdout}");
+        assert!(stdout.contains("reason: workload-not-allowed"), "{stdout}");
+    }
+
+    // Usage errors: a label without a namespace, a label without '='.
+    let (code, _, stderr) = ask(&["--as-label", "x=y"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    let (code, _, stderr) = ask(&["--as-namespace", "db-a", "--as-label", "bad"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--as-label \"bad\": expected KEY=VALUE"),
+        "{stderr}"
+    );
+}
