@@ -13,6 +13,7 @@ pub mod bootstrap;
 pub mod cluster;
 pub mod config;
 pub mod discovery;
+pub mod drift;
 pub mod engine;
 pub mod manifest;
 pub mod metrics;

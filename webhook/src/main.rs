@@ -242,6 +242,11 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Watch pod metadata in opted-in namespaces and export how many selected pods were
+    /// admitted without injection (`egress_webhook_pods_uninjected`); needs list and watch
+    /// on pods and namespaces.
+    #[arg(long)]
+    watch_pods: bool,
 }
 
 fn main() -> ExitCode {
@@ -345,6 +350,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         admin_listen: args.admin_listen,
         grace_period: args.grace_period,
         namespace,
+        watch_pods: args.watch_pods,
     };
     match runtime.block_on(server::run(options, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,

@@ -39,6 +39,15 @@ pub struct CacheLabel {
     pub cache: String,
 }
 
+/// Labels of the pod drift gauges: bounded by namespaces and profiles, never pod names.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
+pub struct PodLabels {
+    /// The opted-in namespace.
+    pub namespace: String,
+    /// The selecting profile, or `annotation` for a per-pod opt-in.
+    pub profile: String,
+}
+
 /// Every metric the webhook exports.
 #[derive(Debug)]
 pub struct Metrics {
@@ -61,6 +70,16 @@ pub struct Metrics {
     pub config_valid: Gauge,
     /// Certificate reloads, by result.
     pub tls_reloads: Family<ResultLabel, Counter>,
+    /// Pods in opted-in namespaces that a profile or the opt-in annotation selects.
+    pub pods_selected: Family<PodLabels, Gauge>,
+    /// Selected pods carrying egress-gate's status annotation (the webhook mutated them).
+    pub pods_injected: Family<PodLabels, Gauge>,
+    /// Injected pods whose status records other values than egress-gate injects now.
+    pub pods_stale: Family<PodLabels, Gauge>,
+    /// Selected pods without the status annotation: admitted bare, not using the proxy.
+    pub pods_uninjected: Family<PodLabels, Gauge>,
+    /// 1 once the pod drift watches have listed the cluster; 0 before or when they are off.
+    pub pod_watch_synced: Gauge,
 }
 
 /// Smallest latency bucket: a review of a small pod takes tens of microseconds.
@@ -126,8 +145,44 @@ impl Default for Metrics {
             "Serving certificate reloads, by result",
             tls_reloads.clone(),
         );
+        let pod_gauge = |registry: &mut Registry, name: &str, help: &str| {
+            let family = Family::<PodLabels, Gauge>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let pods_selected = pod_gauge(
+            &mut registry,
+            "pods_selected",
+            "Pods in opted-in namespaces selected by a profile or the opt-in annotation",
+        );
+        let pods_injected = pod_gauge(
+            &mut registry,
+            "pods_injected",
+            "Selected pods the webhook mutated (status annotation present)",
+        );
+        let pods_stale = pod_gauge(
+            &mut registry,
+            "pods_stale",
+            "Injected pods whose status annotation records other values than egress-gate injects now",
+        );
+        let pods_uninjected = pod_gauge(
+            &mut registry,
+            "pods_uninjected",
+            "Selected pods admitted without injection (no status annotation): they bypass the proxy",
+        );
+        let pod_watch_synced = Gauge::default();
+        registry.register(
+            "pod_watch_synced",
+            "1 once the pod drift watches have listed the cluster",
+            pod_watch_synced.clone(),
+        );
         Self {
             registry,
+            pods_selected,
+            pods_injected,
+            pods_stale,
+            pods_uninjected,
+            pod_watch_synced,
             requests,
             reviews,
             patch_operations,

@@ -90,6 +90,9 @@ pub struct ServeOptions {
     pub grace_period: Duration,
     /// The webhook's own namespace: a default `proxyURL` names the bundled proxy there.
     pub namespace: String,
+    /// Run the pod drift detector ([`crate::drift`]): watch pod metadata in opted-in
+    /// namespaces and export how many selected pods were admitted without injection.
+    pub watch_pods: bool,
 }
 
 /// Where the serving certificate comes from.
@@ -190,6 +193,23 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
         Arc::clone(&certs),
         Arc::clone(&metrics),
     ));
+
+    if options.watch_pods {
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                crate::drift::start(
+                    client,
+                    &options.namespace,
+                    injector_rx.clone(),
+                    Arc::clone(&services),
+                    Arc::clone(&metrics),
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "--watch-pods is on but no Kubernetes client could be built; pod drift is not tracked");
+            }
+        }
+    }
 
     let router = admission_router(injector_rx, services, Arc::clone(&metrics));
 

@@ -380,6 +380,7 @@ fn webhook_deployment_runs_serve_as_decided() {
             "0.0.0.0:8443",
             "--admin-listen",
             "0.0.0.0:9443",
+            "--watch-pods",
             "--self-signed",
             "--secret-name",
             "egress-webhook-tls",
@@ -526,6 +527,8 @@ fn rbac_is_exactly_what_the_webhook_calls() {
                 &["get", "patch"],
                 "egress-gate"
             ),
+            ("", "pods", &["list", "watch"], "*"),
+            ("", "namespaces", &["list", "watch"], "*"),
         ])
     );
     let role = find(docs, "Role", "egress-webhook").unwrap();
@@ -553,6 +556,8 @@ fn rbac_is_exactly_what_the_webhook_calls() {
         arg_value(&args, "--webhook-config-name"),
         Some("egress-gate")
     );
+    // The pod and namespace grants are for the drift detector, which the flag turns on.
+    assert!(args.contains(&"--watch-pods"));
 
     for (kind, role_kind) in [
         ("ClusterRoleBinding", "ClusterRole"),
@@ -1057,7 +1062,13 @@ fn cert_manager_overlay_serves_mounted_files_with_less_rbac() {
                 &["get", "list", "watch"],
                 "*"
             ),
+            ("", "pods", &["list", "watch"], "*"),
+            ("", "namespaces", &["list", "watch"], "*"),
         ])
+    );
+    assert!(
+        args.contains(&"--watch-pods"),
+        "the overlay keeps the drift detector"
     );
     assert!(find(&docs, "Role", "egress-webhook").is_err());
     assert!(find(&docs, "RoleBinding", "egress-webhook").is_err());
