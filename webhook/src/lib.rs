@@ -19,5 +19,6 @@ pub mod manifest;
 pub mod metrics;
 pub mod preview;
 pub mod server;
+pub mod status;
 pub mod tls;
 pub mod watch;

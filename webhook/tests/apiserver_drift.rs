@@ -10,8 +10,9 @@ mod support;
 
 use egress_gate_apiserver::ApiServer;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, DeleteParams, PostParams};
 use serde_json::{Value, json};
 
 use real::{
@@ -70,6 +71,12 @@ async fn pods_admitted_bare_are_counted_and_logged_once() {
             &create_pod(server, &ns, &instance(name), false).await
         ));
     }
+    // A namespace whose every selected pod is injected, for `status` to pass on.
+    let healthy = server.namespace(owner).await;
+    opted_in_namespace(server, &healthy, owner).await;
+    assert!(injected(
+        &create_pod(server, &healthy, &instance("pg-1"), false).await
+    ));
     // Not selected by any profile: never counted.
     let mut plain = fixture("plain-app");
     plain["metadata"]
@@ -135,6 +142,45 @@ async fn pods_admitted_bare_are_counted_and_logged_once() {
         assert_eq!(logged(name), 0, "{name}");
     }
 
+    // `egress-webhook status`, the real binary against the same API server.
+    let install = install_for_status(server, &webhook).await;
+    let (code, out) = status(server, &install, &ns);
+    assert_eq!(code, Some(1), "{out}");
+    let row: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with(ns.as_str()))
+        .unwrap_or_else(|| panic!("no row for {ns}:\n{out}"))
+        .split_whitespace()
+        .collect();
+    assert_eq!(row, [ns.as_str(), "5", "2", "0", "3"], "{out}");
+    for name in bare {
+        assert!(
+            out.contains(&format!("  {ns}/{name} (profile cnpg)")),
+            "{out}"
+        );
+    }
+    assert!(out.contains("1 ready endpoint(s)"), "{out}");
+    assert!(out.contains("caBundle matches"), "{out}");
+    assert!(
+        out.contains("problem: 3 selected pod(s) were admitted without injection"),
+        "{out}"
+    );
+    let (code, out) = status(server, &install, &healthy);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ok: every selected pod goes through egress-gate"),
+        "{out}"
+    );
+    // With no ready endpoint the same namespace fails: the webhook is down.
+    let slices: Api<EndpointSlice> = Api::namespaced(server.client(), &install.namespace);
+    slices
+        .delete("egress-webhook-1", &DeleteParams::default())
+        .await
+        .unwrap();
+    let (code, out) = status(server, &install, &healthy);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("has no ready endpoint"), "{out}");
+
     // Recreating a bare pod's replacement through the webhook fixes the count.
     pods.delete("pg-3", &DeleteParams::default().grace_period(0))
         .await
@@ -143,4 +189,92 @@ async fn pods_admitted_bare_are_counted_and_logged_once() {
         (gauges(&webhook, &ns).await == (4.0, 2.0, 2.0)).then_some(())
     })
     .await;
+}
+
+/// What `status` checks, installed in a namespace of its own standing in for `egress-gate`.
+struct StatusInstall {
+    /// Stands in for `egress-gate`.
+    namespace: String,
+    /// The MutatingWebhookConfiguration `status` checks.
+    config: String,
+}
+
+/// The webhook's ConfigMap, serving Secret, Service with one ready endpoint, and a
+/// Service-form webhook configuration whose caBundle is the test CA. Its namespaceSelector
+/// matches no namespace, so the API server never calls it.
+async fn install_for_status(server: &ApiServer, webhook: &Webhook) -> StatusInstall {
+    let namespace = server.namespace("drift-install").await;
+    let client = server.client();
+    let params = PostParams::default();
+    let cm: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "egress-webhook-config"},
+        // The serving webhook's configuration: its defaults with `--namespace egress-gate`.
+        "data": {"webhook.yaml": "discovery: false\nproxyURL: http://egress-proxy.egress-gate.svc.cluster.local:3128\n"},
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), &namespace)
+        .create(&params, &cm)
+        .await
+        .unwrap();
+    let cert = egress_gate_certs::pki::encode_certificate_pem(&webhook.cert_der);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "egress-webhook-tls"},
+        "type": "Opaque",
+        "stringData": {"tls.crt": cert},
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), &namespace)
+        .create(&params, &secret)
+        .await
+        .unwrap();
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "egress-webhook"},
+        "spec": {"ports": [{"port": 443, "targetPort": 8443}]},
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), &namespace)
+        .create(&params, &svc)
+        .await
+        .unwrap();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "egress-webhook-1",
+                     "labels": {"kubernetes.io/service-name": "egress-webhook"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": ["10.244.0.7"], "conditions": {"ready": true}}],
+        "ports": [{"port": 8443}],
+    }))
+    .unwrap();
+    Api::namespaced(client.clone(), &namespace)
+        .create(&params, &slice)
+        .await
+        .unwrap();
+    let config = format!("egress-gate-{namespace}");
+    let mut mwc = serde_json::to_value(webhook_configuration("nobody", webhook)).unwrap();
+    mwc["metadata"]["name"] = json!(config);
+    mwc["webhooks"][0]["clientConfig"] = json!({
+        "service": {"name": "egress-webhook", "namespace": namespace, "path": "/mutate", "port": 443},
+        "caBundle": real::base64_encode(webhook.ca.pem().as_bytes()),
+    });
+    register(server, &serde_json::from_value(mwc).unwrap()).await;
+    StatusInstall { namespace, config }
+}
+
+/// Runs `egress-webhook status -n NAMESPACE` against the install; exit code and output.
+fn status(server: &ApiServer, install: &StatusInstall, namespace: &str) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_egress-webhook"))
+        .args(["status", "-n", namespace])
+        .args(["--webhook-namespace", &install.namespace])
+        .args(["--webhook-config-name", &install.config])
+        .arg("--kubeconfig")
+        .arg(server.kubeconfig())
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("POD_NAMESPACE")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
 }
