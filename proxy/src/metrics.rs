@@ -42,6 +42,20 @@ pub struct ResultLabel {
     pub result: &'static str,
 }
 
+/// Labels of `build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The crate version the binary was built from.
+    pub version: &'static str,
+}
+
+/// Seconds since the Unix epoch now, for timestamp gauges.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Process-wide byte counters (the `bytes_total` metric), updated as bytes move so that a
 /// tunnel open for hours still shows up in the rate.
 #[derive(Debug, Clone, Default)]
@@ -68,6 +82,12 @@ pub struct Metrics {
     pub connect_seconds: Histogram,
     /// Config reloads by outcome.
     pub reloads: Family<ResultLabel, Counter>,
+    /// When the configuration in force was loaded (start or last good reload), Unix seconds.
+    pub config_last_reload_success: Gauge,
+    /// `maxTunnels` in force: the ceiling `tunnels_active` is compared with.
+    pub max_tunnels: Gauge,
+    /// Always 1, labelled with the version.
+    pub build_info: Family<BuildLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -121,14 +141,51 @@ impl Metrics {
             "Configuration reloads, by result",
             reloads.clone(),
         );
+        let config_last_reload_success = Gauge::default();
+        config_last_reload_success.set(unix_now());
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded (start or last good reload), in Unix seconds",
+            config_last_reload_success.clone(),
+        );
+        let max_tunnels = Gauge::default();
+        registry.register(
+            "max_tunnels",
+            "maxTunnels in force: tunnels beyond it are answered 503",
+            max_tunnels.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the version egress-proxy was built from",
+            build_info.clone(),
+        );
         Self {
             registry,
+            config_last_reload_success,
+            max_tunnels,
+            build_info,
             tunnels_active,
             tunnels,
             denials,
             bytes,
             connect_seconds,
             reloads,
+        }
+    }
+
+    /// Counts a reload attempt in `config_reloads_total`; a good one also sets
+    /// `config_last_reload_success_timestamp_seconds`.
+    pub fn count_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        if ok {
+            self.config_last_reload_success.set(unix_now());
         }
     }
 

@@ -166,6 +166,7 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
             start_self_signed(params.clone(), Arc::clone(&metrics)).await?
         }
     };
+    certs.track_expiry(metrics.certificate_expiry.clone());
     let tls_config = tls::server_config(Arc::clone(&certs)).map_err(StartError::from)?;
     let readiness = Arc::new(Readiness::default());
 
@@ -391,6 +392,7 @@ async fn keep_current(
                             }
                             config = next;
                             Metrics::reload(&metrics.config_reloads, true);
+                            metrics.config_reloaded();
                             metrics.config_valid.set(1);
                             info!(path = %path.display(), "configuration reloaded");
                         }
