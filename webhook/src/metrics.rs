@@ -84,6 +84,8 @@ pub struct Metrics {
     pub certificate_expiry: Gauge,
     /// When the configuration in force was loaded (start or last good reload), Unix seconds.
     pub config_last_reload_success: Gauge,
+    /// 1 while `/readyz` would answer ready, set at each scrape.
+    pub ready: Gauge,
     /// Always 1, labelled with the version: joins other series to the running build.
     pub build_info: Family<BuildLabels, Gauge>,
 }
@@ -207,6 +209,12 @@ impl Default for Metrics {
             "When the configuration in force was loaded (start or last good reload), in Unix seconds",
             config_last_reload_success.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while /readyz answers ready (config and certificate loaded, discovery synced, not shutting down)",
+            ready.clone(),
+        );
         let build_info = Family::<BuildLabels, Gauge>::default();
         build_info
             .get_or_create(&BuildLabels {
@@ -223,6 +231,7 @@ impl Default for Metrics {
             certificate_expiry,
             config_last_reload_success,
             build_info,
+            ready,
             pods_selected,
             pods_injected,
             pods_stale,

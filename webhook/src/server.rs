@@ -685,8 +685,8 @@ pub async fn serve_tls(
 pub fn admin_router(readiness: Arc<Readiness>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
+        .route("/readyz", {
+            let readiness = Arc::clone(&readiness);
             get(move || {
                 let readiness = Arc::clone(&readiness);
                 async move {
@@ -698,13 +698,15 @@ pub fn admin_router(readiness: Arc<Readiness>, metrics: Arc<Metrics>) -> Router 
                         ),
                     }
                 }
-            }),
-        )
+            })
+        })
         .route(
             "/metrics",
             get(move || {
                 let metrics = Arc::clone(&metrics);
+                let ready = readiness.check().is_ok();
                 async move {
+                    metrics.ready.set(i64::from(ready));
                     (
                         [(
                             header::CONTENT_TYPE,

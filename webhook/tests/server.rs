@@ -719,6 +719,7 @@ async fn certificate_expiry_build_info_and_last_good_reload_are_exported() {
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(webhook.metric(&build).await, Some(1.0));
+    assert_eq!(webhook.metric("egress_webhook_ready").await, Some(1.0));
     // Buckets reach the API server's 5 s timeout.
     let (_, text) = webhook.admin_get("/metrics").await;
     assert!(

@@ -24,7 +24,11 @@ use sha2::{Digest, Sha256};
 /// Kustomizations under `deploy/` that the ordered apply leaves out on purpose, each with the
 /// reason. Any other kustomization missing from docs/install.md's `kubectl apply -k` commands
 /// fails the test, so one added later is applied without editing this file.
-const NOT_APPLIED: &[(&str, &str)] = &[];
+const NOT_APPLIED: &[(&str, &str)] = &[(
+    "deploy/monitoring",
+    "the Prometheus Operator's CRDs (PodMonitor, PrometheusRule) are in no pinned set; \
+     promtool checks the rules (tests/manifests/tests/monitoring.rs)",
+)];
 
 /// Where the CRD files are looked for when `EGRESS_GATE_CRDS` is unset, relative to the
 /// repository root, in order.

@@ -158,6 +158,12 @@ fn crd_required(api_version: &str, kind: &str) -> Option<&'static [&'static str]
         ("barmancloud.cnpg.io/v1", "ObjectStore") => &["spec.configuration.destinationPath"],
         ("cert-manager.io/v1", "Issuer") => &["spec"],
         ("cert-manager.io/v1", "Certificate") => &["spec.secretName", "spec.issuerRef.name"],
+        // prometheus-operator: PodMonitor requires `selector`, a rule group `name` and
+        // `rules`, a rule `expr`.
+        ("monitoring.coreos.com/v1", "PodMonitor") => &["spec.selector"],
+        ("monitoring.coreos.com/v1", "PrometheusRule") => {
+            &["spec.groups[].name", "spec.groups[].rules[].expr"]
+        }
         ("velero.io/v1", "BackupStorageLocation") => {
             &["spec.provider", "spec.objectStorage.bucket"]
         }
@@ -982,8 +988,9 @@ fn entra_and_arm_policy_names_exactly_two_hosts() {
 
 #[test]
 fn every_kustomization_creates_the_namespaces_it_fills() {
-    // A folder may rely on the base's namespace only if it is a set of policies applied onto
-    // an install; anything else must be appliable first on a fresh cluster.
+    // A folder may rely on the base's namespace only if it is a set of policies (or the
+    // monitoring) applied onto an install; anything else must be appliable first on a fresh
+    // cluster.
     for dir in kustomizations() {
         let name = dir.strip_prefix(repo_root()).unwrap().display().to_string();
         let docs = render(&dir).unwrap();
@@ -996,7 +1003,9 @@ fn every_kustomization_creates_the_namespaces_it_fills() {
             let Some(ns) = doc["metadata"]["namespace"].as_str() else {
                 continue;
             };
-            let onto_install = ns == NS && name.starts_with("deploy/netpol/");
+            // Monitoring too is added to a running install.
+            let onto_install =
+                ns == NS && (name.starts_with("deploy/netpol/") || name == "deploy/monitoring");
             assert!(
                 created.contains(ns) || onto_install,
                 "{name}: {} is in namespace {ns}, which it does not create",
