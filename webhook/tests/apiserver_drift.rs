@@ -278,3 +278,98 @@ fn status(server: &ApiServer, install: &StatusInstall, namespace: &str) -> (Opti
     );
     (out.status.code(), text)
 }
+
+/// Resident set size of process `pid`, in KiB, from /proc.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+/// The cost measurement of the pod watch (issue 16): the webhook's RSS with no pods, then
+/// with `EGRESS_GATE_DRIFT_PODS` (default 50,000) selected pods spread over 50 opted-in
+/// namespaces, created bare through the real API server (no kubelet needed). Prints the
+/// figures and fails above 1 KiB per pod. A measurement, not a unit test: run it on its own
+/// with `cargo test -p egress-webhook --test apiserver_drift -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement: minutes and a large etcd; run on its own with --ignored"]
+async fn pod_watch_memory_per_pod() {
+    let Some(server) = ApiServer::shared() else {
+        return;
+    };
+    let pods: usize = std::env::var("EGRESS_GATE_DRIFT_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50_000);
+    let namespaces = 50;
+    let kubeconfig = server.kubeconfig().display().to_string();
+    let webhook = Webhook::start_env(
+        Some("discovery: false\n"),
+        &["--namespace", "egress-gate", "--watch-pods"],
+        &[("KUBERNETES_SERVICE_HOST", ""), ("KUBECONFIG", &kubeconfig)],
+    );
+    until("the pod watch to sync", || async {
+        (webhook.metric("egress_webhook_pod_watch_synced").await == Some(1.0)).then_some(())
+    })
+    .await;
+    let mut names = Vec::new();
+    for _ in 0..namespaces {
+        let ns = server.namespace("cost").await;
+        opted_in_namespace(server, &ns, "cost").await;
+        names.push(ns);
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let pid = webhook.child.id();
+    let before = rss_kib(pid);
+
+    let started = std::time::Instant::now();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..pods {
+        let permit = std::sync::Arc::clone(&gate).acquire_owned().await.unwrap();
+        let api: Api<Pod> = Api::namespaced(server.client(), &names[i % namespaces]);
+        tasks.spawn(async move {
+            let pod: Pod = serde_json::from_value(json!({
+                "metadata": {"name": format!("pg-{i}"), "labels": {
+                    "cnpg.io/podRole": "instance", "cnpg.io/cluster": "pg",
+                    "cnpg.io/instanceName": format!("pg-{i}")}},
+                "spec": {"containers": [{"name": "postgres", "image": "pg"}]},
+            }))
+            .unwrap();
+            api.create(&PostParams::default(), &pod).await.unwrap();
+            drop(permit);
+        });
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+    let created = started.elapsed();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    loop {
+        let text = webhook.admin_get("/metrics").await.1;
+        let seen = metric_sum(
+            &text,
+            "egress_webhook_pods_uninjected",
+            &["profile=\"cnpg\""],
+        );
+        if seen >= pods as f64 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "watch saw {seen} of {pods}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let after = rss_kib(pid);
+    let per_pod = (after.saturating_sub(before) * 1024) as f64 / pods as f64;
+    println!(
+        "pod watch cost: RSS {before} KiB with 0 pods, {after} KiB with {pods} selected pods \
+         ({per_pod:.0} bytes per pod); created in {created:?}"
+    );
+    assert!(per_pod < 1024.0, "{per_pod:.0} bytes per pod");
+}
