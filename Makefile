@@ -20,6 +20,7 @@ test: export CARGO_INCREMENTAL = 0
 ## The real-API-server tests (tests/apiserver) fail here instead of skipping when no
 ## kube-apiserver binary is found: `make test` is what CI runs.
 test: export REQUIRE_KUBE_APISERVER = 1
+test: export REQUIRE_PROMTOOL = 1
 test: test-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

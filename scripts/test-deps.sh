@@ -8,6 +8,7 @@ declare -A wanted=(
   [python3]=python3 # proxy tests: http.client sends the HTTP/1.0 CONNECT barman-cloud sends
   [etcd]=etcd-server # the real kube-apiserver the tests start (tests/apiserver) stores in etcd
   [xz]=xz-utils      # the kube-apiserver binary beside the project is xz-compressed
+  [promtool]=prometheus # deploy/monitoring: promtool check/test rules (tests/manifests)
 )
 
 missing=()

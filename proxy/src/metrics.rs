@@ -54,6 +54,20 @@ pub struct BlobLabels {
     pub result: &'static str,
 }
 
+/// Labels of `build_info`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The crate version the binary was built from.
+    pub version: &'static str,
+}
+
+/// Seconds since the Unix epoch now, for timestamp gauges.
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// Process-wide byte counters (the `bytes_total` metric), updated as bytes move so that a
 /// tunnel open for hours still shows up in the rate.
 #[derive(Debug, Clone, Default)]
@@ -88,6 +102,12 @@ pub struct Metrics {
     pub blob_bytes_down: Counter,
     /// Workload identity (issue 14): its own block, registered under `identity_`.
     pub identity: crate::identity::metrics::IdentityMetrics,
+    /// When the configuration in force was loaded (start or last good reload), Unix seconds.
+    pub config_last_reload_success: Gauge,
+    /// `maxTunnels` in force: the ceiling `tunnels_active` is compared with.
+    pub max_tunnels: Gauge,
+    /// Always 1, labelled with the version.
+    pub build_info: Family<BuildLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -162,9 +182,36 @@ impl Metrics {
         // Workload identity: registered whether or not it is configured, so dashboards see
         // `identity_synced 0` rather than no series.
         let identity = crate::identity::metrics::IdentityMetrics::register(&mut registry);
+        let config_last_reload_success = Gauge::default();
+        config_last_reload_success.set(unix_now());
+        registry.register(
+            "config_last_reload_success_timestamp_seconds",
+            "When the configuration in force was loaded (start or last good reload), in Unix seconds",
+            config_last_reload_success.clone(),
+        );
+        let max_tunnels = Gauge::default();
+        registry.register(
+            "max_tunnels",
+            "maxTunnels in force: tunnels beyond it are answered 503",
+            max_tunnels.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        registry.register(
+            "build_info",
+            "Always 1; the version egress-proxy was built from",
+            build_info.clone(),
+        );
         Self {
             registry,
             identity,
+            config_last_reload_success,
+            max_tunnels,
+            build_info,
             tunnels_active,
             tunnels,
             denials,
@@ -174,6 +221,16 @@ impl Metrics {
             blob_requests,
             blob_bytes_up,
             blob_bytes_down,
+        }
+    }
+
+    /// Counts a reload attempt in `config_reloads_total`; a good one also sets
+    /// `config_last_reload_success_timestamp_seconds`.
+    pub fn count_reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.reloads.get_or_create(&ResultLabel { result }).inc();
+        if ok {
+            self.config_last_reload_success.set(unix_now());
         }
     }
 

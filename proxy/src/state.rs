@@ -14,7 +14,7 @@ use crate::blob::accounts::{Accounts, LoadError};
 use crate::blob::upstream::ClientSettings;
 use crate::config::Config;
 use crate::identity::Identities;
-use crate::metrics::{Metrics, ResultLabel};
+use crate::metrics::Metrics;
 use crate::per_source::PerSource;
 use crate::policy::Policy;
 use crate::tls::{TlsError, load_server_config};
@@ -136,9 +136,13 @@ pub struct Shared {
 impl Shared {
     /// Fresh state: ready, not draining, `max_tunnels` tunnel permits.
     pub fn new(live: Live, max_tunnels: usize) -> Self {
+        let metrics = Metrics::new();
+        metrics
+            .max_tunnels
+            .set(i64::try_from(max_tunnels).unwrap_or(i64::MAX));
         Self {
             live: watch::Sender::new(Arc::new(live)),
-            metrics: Metrics::new(),
+            metrics,
             tunnels: Arc::new(Semaphore::new(max_tunnels)),
             ready: AtomicBool::new(true),
             draining: watch::Sender::new(false),
@@ -160,11 +164,7 @@ impl Shared {
 
     /// Counts a reload attempt in `config_reloads_total`.
     pub fn count_reload(&self, ok: bool) {
-        let result = if ok { "ok" } else { "error" };
-        self.metrics
-            .reloads
-            .get_or_create(&ResultLabel { result })
-            .inc();
+        self.metrics.count_reload(ok);
     }
 
     /// A tunnel slot, or `None` when `maxTunnels` tunnels are open (the client gets 503).

@@ -259,3 +259,45 @@ async fn drain_deadline_cuts_a_half_sent_head_and_logs_it() {
         .unwrap();
     assert!(status.success());
 }
+
+/// One sample's value from the admin port's metrics text.
+async fn sample(admin: std::net::SocketAddr, series: &str) -> Option<f64> {
+    let text = admin_get(admin, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn tunnel_ceiling_build_and_last_good_reload_are_exported() {
+    let dir = temp_dir("ops-metrics");
+    let config = dir.join("proxy.yaml");
+    std::fs::write(&config, "maxTunnels: 7\n").unwrap();
+    let mut bin = Running::start(&config).await;
+    assert_eq!(
+        sample(bin.admin, "egress_proxy_max_tunnels").await,
+        Some(7.0)
+    );
+    let build = format!(
+        "egress_proxy_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(sample(bin.admin, &build).await, Some(1.0));
+    let last = "egress_proxy_config_last_reload_success_timestamp_seconds";
+    let started = sample(bin.admin, last).await.unwrap();
+
+    // Rejected: counted, the timestamp stays. Good (a second later): it moves.
+    std::fs::write(&config, "maxTunnels: 0\n").unwrap();
+    bin.signal("-HUP");
+    bin.log("reload rejected").await;
+    let errors = "egress_proxy_config_reloads_total{result=\"error\"}";
+    assert_eq!(sample(bin.admin, errors).await, Some(1.0));
+    assert_eq!(sample(bin.admin, last).await, Some(started));
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    std::fs::write(
+        &config,
+        "maxTunnels: 7\nallow: [{host: other.example.com}]\n",
+    )
+    .unwrap();
+    bin.log("configuration reloaded").await;
+    assert!(sample(bin.admin, last).await.unwrap() > started);
+}

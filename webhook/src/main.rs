@@ -58,6 +58,14 @@ enum Command {
     /// configuration's namespaceSelector. With --offline: no cluster; NO_PROXY uses the
     /// configuration's serviceCIDRs, podCIDRs and apiServer (or their defaults).
     Inject(InjectArgs),
+    /// Show whether every pod that should go through egress-gate does: per opted-in
+    /// namespace the pods selected, injected and missing injection; the webhook Service's
+    /// ready endpoints; the serving certificate's expiry; and whether the webhook
+    /// configuration's caBundle verifies it. Exits 1 when something needs an operator.
+    ///
+    /// Reads the cluster as `inject` does (kubeconfig as kubectl finds it; the webhook's
+    /// live configuration from its ConfigMap unless --config).
+    Status(StatusArgs),
     /// Create a CA and a serving certificate for the webhook Service: PEM files, or a
     /// `kubernetes.io/tls` Secret manifest plus the caBundle for the webhook configuration.
     Certs(CertsArgs),
@@ -134,6 +142,34 @@ struct InjectArgs {
     /// Same as `-o diff`.
     #[arg(long, conflicts_with = "output")]
     diff: bool,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// Only this namespace (default: every opted-in namespace).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// Webhook configuration file; without it the live one from the cluster's ConfigMap.
+    #[arg(long, value_name = "CFG")]
+    config: Option<PathBuf>,
+    /// The webhook's own namespace: its ConfigMap and Secret are there, its pods not counted.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "egress-gate")]
+    webhook_namespace: String,
+    /// Kubeconfig file (otherwise KUBECONFIG, then ~/.kube/config, as kubectl).
+    #[arg(long, value_name = "FILE")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use instead of the current one.
+    #[arg(long, value_name = "NAME")]
+    context: Option<String>,
+    /// The ConfigMap holding the webhook's configuration (key `webhook.yaml`).
+    #[arg(long, value_name = "NAME", default_value = egress_webhook::cluster::DEFAULT_CONFIG_MAP)]
+    config_map: String,
+    /// The MutatingWebhookConfiguration to check.
+    #[arg(long, value_name = "NAME", default_value = egress_webhook::cluster::DEFAULT_WEBHOOK_CONFIGURATION)]
+    webhook_config_name: String,
+    /// The Secret holding the serving certificate (`tls.crt`).
+    #[arg(long, value_name = "NAME", default_value = egress_gate_certs::bundle::DEFAULT_SECRET_NAME)]
+    secret_name: String,
 }
 
 /// `inject -o`.
@@ -242,6 +278,11 @@ struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Watch pod metadata in opted-in namespaces and export how many selected pods were
+    /// admitted without injection (`egress_webhook_pods_uninjected`); needs list and watch
+    /// on pods and namespaces.
+    #[arg(long)]
+    watch_pods: bool,
 }
 
 fn main() -> ExitCode {
@@ -250,6 +291,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Certs(args) => certs(args),
         Command::Inject(args) => inject(args),
+        Command::Status(args) => status(args),
         Command::CheckConfig { config, namespace } => check_config(config, &namespace),
         Command::Completion { shell } => {
             clap_complete::generate(
@@ -345,6 +387,7 @@ fn serve(args: ServeArgs) -> ExitCode {
         admin_listen: args.admin_listen,
         grace_period: args.grace_period,
         namespace,
+        watch_pods: args.watch_pods,
     };
     match runtime.block_on(server::run(options, shutdown_signal())) {
         Ok(()) => ExitCode::SUCCESS,
@@ -448,8 +491,50 @@ fn offline_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
     })
 }
 
-/// The configuration and facts as the webhook serving the cluster has them.
-async fn cluster_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
+/// Where a cluster-aware command finds the cluster and the webhook's configuration.
+struct ClusterSource<'a> {
+    /// `--kubeconfig`.
+    kubeconfig: Option<PathBuf>,
+    /// `--context`.
+    context: Option<String>,
+    /// `--config`: a file instead of the live ConfigMap.
+    config: Option<&'a PathBuf>,
+    /// `--webhook-namespace`.
+    webhook_namespace: &'a str,
+    /// `--config-map`.
+    config_map: &'a str,
+    /// `--webhook-config-name`.
+    webhook_config_name: &'a str,
+}
+
+impl<'a> From<&'a InjectArgs> for ClusterSource<'a> {
+    fn from(args: &'a InjectArgs) -> Self {
+        Self {
+            kubeconfig: args.kubeconfig.clone(),
+            context: args.context.clone(),
+            config: args.config.as_ref(),
+            webhook_namespace: &args.webhook_namespace,
+            config_map: &args.config_map,
+            webhook_config_name: &args.webhook_config_name,
+        }
+    }
+}
+
+impl<'a> From<&'a StatusArgs> for ClusterSource<'a> {
+    fn from(args: &'a StatusArgs) -> Self {
+        Self {
+            kubeconfig: args.kubeconfig.clone(),
+            context: args.context.clone(),
+            config: args.config.as_ref(),
+            webhook_namespace: &args.webhook_namespace,
+            config_map: &args.config_map,
+            webhook_config_name: &args.webhook_config_name,
+        }
+    }
+}
+
+/// The configuration and facts as the webhook serving the cluster has them, and the client.
+async fn cluster_setup(args: &ClusterSource<'_>) -> Result<(PreviewSetup, kube::Client), ExitCode> {
     use egress_webhook::cluster::{self, ClusterError, ClusterTarget};
     let unavailable = |e: ClusterError| {
         eprintln!("egress-webhook: {e} (--offline previews without a cluster)");
@@ -461,11 +546,11 @@ async fn cluster_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
     };
     let client = cluster::client(&target).await.map_err(unavailable)?;
     let context_namespace = Some(client.default_namespace().to_string());
-    let config = match &args.config {
-        Some(_) => load_config(args.config.as_ref(), &args.webhook_namespace)?,
+    let config = match args.config {
+        Some(_) => load_config(args.config, args.webhook_namespace)?,
         None => {
-            let ns = &args.webhook_namespace;
-            let text = match cluster::live_config(&client, ns, &args.config_map).await {
+            let ns = args.webhook_namespace;
+            let text = match cluster::live_config(&client, ns, args.config_map).await {
                 Ok(t) => t,
                 Err(e @ ClusterError::NoConfig(_)) => {
                     eprintln!("egress-webhook: {e}");
@@ -482,32 +567,80 @@ async fn cluster_setup(args: &InjectArgs) -> Result<PreviewSetup, ExitCode> {
                 })?
         }
     };
-    let gate = cluster::NamespaceGate::read(&client, &args.webhook_config_name)
+    let gate = cluster::NamespaceGate::read(&client, args.webhook_config_name)
         .await
         .map_err(unavailable)?;
     if !config.discovery {
-        return Ok(PreviewSetup {
+        let setup = PreviewSetup {
             facts: ClusterFacts::from_config(&config),
             config,
             services: std::sync::Arc::new(egress_webhook::admission::NoServices),
             gate: Some(gate),
             context_namespace,
-        });
+        };
+        return Ok((setup, client));
     }
     let Some((found, services)) =
-        egress_webhook::discovery::discover_once(client, DISCOVERY_TIMEOUT).await
+        egress_webhook::discovery::discover_once(client.clone(), DISCOVERY_TIMEOUT).await
     else {
         eprintln!(
             "egress-webhook: discovery did not finish listing the cluster within {DISCOVERY_TIMEOUT:?} (--offline previews without a cluster)"
         );
         return Err(ExitCode::from(EXIT_UNAVAILABLE));
     };
-    Ok(PreviewSetup {
+    let setup = PreviewSetup {
         facts: found.facts_for(&config),
         config,
         services,
         gate: Some(gate),
         context_namespace,
+    };
+    Ok((setup, client))
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("egress-webhook: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let (setup, client) = match cluster_setup(&ClusterSource::from(&args)).await {
+            Ok(s) => s,
+            Err(code) => return code,
+        };
+        let injector = Injector::new(&setup.config, &setup.facts);
+        let options = egress_webhook::status::StatusOptions {
+            webhook_namespace: args.webhook_namespace.clone(),
+            webhook_config_name: args.webhook_config_name.clone(),
+            secret_name: args.secret_name.clone(),
+            namespace: args.namespace.clone(),
+        };
+        let report = match egress_webhook::status::gather(
+            &client,
+            &injector,
+            setup.services.as_ref(),
+            &options,
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("egress-webhook: {e}");
+                return ExitCode::from(EXIT_UNAVAILABLE);
+            }
+        };
+        print!("{}", report.render());
+        if report.problems().is_empty() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        }
     })
 }
 
@@ -519,7 +652,9 @@ fn inject(args: InjectArgs) -> ExitCode {
             .enable_all()
             .build()
         {
-            Ok(runtime) => runtime.block_on(cluster_setup(&args)),
+            Ok(runtime) => runtime
+                .block_on(cluster_setup(&ClusterSource::from(&args)))
+                .map(|(setup, _)| setup),
             Err(e) => {
                 eprintln!("egress-webhook: cannot start the async runtime: {e}");
                 return ExitCode::FAILURE;

@@ -90,6 +90,9 @@ pub struct ServeOptions {
     pub grace_period: Duration,
     /// The webhook's own namespace: a default `proxyURL` names the bundled proxy there.
     pub namespace: String,
+    /// Run the pod drift detector ([`crate::drift`]): watch pod metadata in opted-in
+    /// namespaces and export how many selected pods were admitted without injection.
+    pub watch_pods: bool,
 }
 
 /// Where the serving certificate comes from.
@@ -163,6 +166,7 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
             start_self_signed(params.clone(), Arc::clone(&metrics)).await?
         }
     };
+    certs.track_expiry(metrics.certificate_expiry.clone());
     let tls_config = tls::server_config(Arc::clone(&certs)).map_err(StartError::from)?;
     let readiness = Arc::new(Readiness::default());
 
@@ -190,6 +194,23 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
         Arc::clone(&certs),
         Arc::clone(&metrics),
     ));
+
+    if options.watch_pods {
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                crate::drift::start(
+                    client,
+                    &options.namespace,
+                    injector_rx.clone(),
+                    Arc::clone(&services),
+                    Arc::clone(&metrics),
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "--watch-pods is on but no Kubernetes client could be built; pod drift is not tracked");
+            }
+        }
+    }
 
     let router = admission_router(injector_rx, services, Arc::clone(&metrics));
 
@@ -371,6 +392,7 @@ async fn keep_current(
                             }
                             config = next;
                             Metrics::reload(&metrics.config_reloads, true);
+                            metrics.config_reloaded();
                             metrics.config_valid.set(1);
                             info!(path = %path.display(), "configuration reloaded");
                         }
@@ -663,8 +685,8 @@ pub async fn serve_tls(
 pub fn admin_router(readiness: Arc<Readiness>, metrics: Arc<Metrics>) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
+        .route("/readyz", {
+            let readiness = Arc::clone(&readiness);
             get(move || {
                 let readiness = Arc::clone(&readiness);
                 async move {
@@ -676,13 +698,15 @@ pub fn admin_router(readiness: Arc<Readiness>, metrics: Arc<Metrics>) -> Router 
                         ),
                     }
                 }
-            }),
-        )
+            })
+        })
         .route(
             "/metrics",
             get(move || {
                 let metrics = Arc::clone(&metrics);
+                let ready = readiness.check().is_ok();
                 async move {
+                    metrics.ready.set(i64::from(ready));
                     (
                         [(
                             header::CONTENT_TYPE,

@@ -2,7 +2,9 @@
 //! serving. Each new handshake picks up the pair in force; open connections keep theirs.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use prometheus_client::metrics::gauge::Gauge;
 
 use rustls::crypto::ring;
 use rustls::pki_types::pem::PemObject;
@@ -92,6 +94,8 @@ pub fn pair_from_pem(
 pub struct CertStore {
     /// The pair new handshakes use. A std lock: held only to clone or swap an `Arc`.
     current: RwLock<Arc<CertifiedKey>>,
+    /// Set to the leaf's end of validity (Unix seconds) on every swap, once tracked.
+    expiry: OnceLock<Gauge>,
 }
 
 impl CertStore {
@@ -99,11 +103,22 @@ impl CertStore {
     pub fn new(initial: CertifiedKey) -> Arc<Self> {
         Arc::new(Self {
             current: RwLock::new(Arc::new(initial)),
+            expiry: OnceLock::new(),
         })
+    }
+
+    /// Keeps `gauge` at the serving certificate's end of validity, in Unix seconds (the
+    /// `certificate_expiry_timestamp_seconds` metric), from now and across swaps.
+    pub fn track_expiry(&self, gauge: Gauge) {
+        let gauge = self.expiry.get_or_init(|| gauge);
+        set_expiry(gauge, &self.get());
     }
 
     /// Serves `next` from the next handshake on.
     pub fn replace(&self, next: CertifiedKey) {
+        if let Some(gauge) = self.expiry.get() {
+            set_expiry(gauge, &next);
+        }
         let next = Arc::new(next);
         match self.current.write() {
             Ok(mut guard) => *guard = next,
@@ -116,6 +131,21 @@ impl CertStore {
             Ok(guard) => Arc::clone(&guard),
             Err(poisoned) => Arc::clone(&poisoned.into_inner()),
         }
+    }
+}
+
+/// Sets `gauge` to the end of validity of `pair`'s leaf certificate (left alone when the
+/// leaf does not parse, which rustls would already have refused).
+fn set_expiry(gauge: &Gauge, pair: &CertifiedKey) {
+    let Some(leaf) = pair.cert.first() else {
+        return;
+    };
+    if let Ok(info) = egress_gate_certs::CertInfo::from_der(leaf) {
+        let secs = info
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        gauge.set(i64::try_from(secs).unwrap_or(i64::MAX));
     }
 }
 

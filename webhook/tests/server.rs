@@ -698,3 +698,60 @@ async fn curl_reads_the_413_and_reuses_the_connection_over_both_protocols() {
         );
     }
 }
+
+#[tokio::test]
+async fn certificate_expiry_build_info_and_last_good_reload_are_exported() {
+    let webhook = Webhook::start(Some("discovery: false\n"));
+    let info = egress_gate_certs::CertInfo::from_der(&webhook.cert_der).unwrap();
+    let not_after = info
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert_eq!(
+        webhook
+            .metric("egress_webhook_certificate_expiry_timestamp_seconds")
+            .await,
+        Some(not_after)
+    );
+    let build = format!(
+        "egress_webhook_build_info{{version=\"{}\"}}",
+        env!("CARGO_PKG_VERSION")
+    );
+    assert_eq!(webhook.metric(&build).await, Some(1.0));
+    assert_eq!(webhook.metric("egress_webhook_ready").await, Some(1.0));
+    // Buckets reach the API server's 5 s timeout.
+    let (_, text) = webhook.admin_get("/metrics").await;
+    assert!(
+        text.contains("egress_webhook_review_duration_seconds_bucket{le=\"5.0\"}"),
+        "{text}"
+    );
+
+    let last = "egress_webhook_config_last_reload_success_timestamp_seconds";
+    let started = webhook.metric(last).await.unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert!((now - started).abs() < 60.0, "{started} vs {now}");
+    // A rejected reload leaves it; a good one moves it (whole seconds: wait past one).
+    std::fs::write(webhook.config_path(), "proxyURL: ftp://nope\n").unwrap();
+    wait_for_metric(
+        &webhook,
+        "egress_webhook_config_reloads_total{result=\"error\"}",
+    )
+    .await;
+    assert_eq!(webhook.metric(last).await, Some(started));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    std::fs::write(
+        webhook.config_path(),
+        "discovery: false\nnoProxy: [a.example]\n",
+    )
+    .unwrap();
+    wait_for_metric(
+        &webhook,
+        "egress_webhook_config_reloads_total{result=\"ok\"}",
+    )
+    .await;
+    assert!(webhook.metric(last).await.unwrap() > started);
+}

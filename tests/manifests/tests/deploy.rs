@@ -158,6 +158,12 @@ fn crd_required(api_version: &str, kind: &str) -> Option<&'static [&'static str]
         ("barmancloud.cnpg.io/v1", "ObjectStore") => &["spec.configuration.destinationPath"],
         ("cert-manager.io/v1", "Issuer") => &["spec"],
         ("cert-manager.io/v1", "Certificate") => &["spec.secretName", "spec.issuerRef.name"],
+        // prometheus-operator: PodMonitor requires `selector`, a rule group `name` and
+        // `rules`, a rule `expr`.
+        ("monitoring.coreos.com/v1", "PodMonitor") => &["spec.selector"],
+        ("monitoring.coreos.com/v1", "PrometheusRule") => {
+            &["spec.groups[].name", "spec.groups[].rules[].expr"]
+        }
         ("velero.io/v1", "BackupStorageLocation") => {
             &["spec.provider", "spec.objectStorage.bucket"]
         }
@@ -380,6 +386,7 @@ fn webhook_deployment_runs_serve_as_decided() {
             "0.0.0.0:8443",
             "--admin-listen",
             "0.0.0.0:9443",
+            "--watch-pods",
             "--self-signed",
             "--secret-name",
             "egress-webhook-tls",
@@ -526,6 +533,8 @@ fn rbac_is_exactly_what_the_webhook_calls() {
                 &["get", "patch"],
                 "egress-gate"
             ),
+            ("", "pods", &["list", "watch"], "*"),
+            ("", "namespaces", &["list", "watch"], "*"),
         ])
     );
     let role = find(docs, "Role", "egress-webhook").unwrap();
@@ -553,6 +562,8 @@ fn rbac_is_exactly_what_the_webhook_calls() {
         arg_value(&args, "--webhook-config-name"),
         Some("egress-gate")
     );
+    // The pod and namespace grants are for the drift detector, which the flag turns on.
+    assert!(args.contains(&"--watch-pods"));
 
     for (kind, role_kind) in [
         ("ClusterRoleBinding", "ClusterRole"),
@@ -977,8 +988,9 @@ fn entra_and_arm_policy_names_exactly_two_hosts() {
 
 #[test]
 fn every_kustomization_creates_the_namespaces_it_fills() {
-    // A folder may rely on the base's namespace only if it is a set of policies applied onto
-    // an install; anything else must be appliable first on a fresh cluster.
+    // A folder may rely on the base's namespace only if it is a set of policies (or the
+    // monitoring) applied onto an install; anything else must be appliable first on a fresh
+    // cluster.
     for dir in kustomizations() {
         let name = dir.strip_prefix(repo_root()).unwrap().display().to_string();
         let docs = render(&dir).unwrap();
@@ -991,9 +1003,11 @@ fn every_kustomization_creates_the_namespaces_it_fills() {
             let Some(ns) = doc["metadata"]["namespace"].as_str() else {
                 continue;
             };
+            // Network policies and monitoring are added to a running install.
             let onto_install = ns == NS
                 && (name.starts_with("deploy/netpol/")
-                    || name.starts_with("deploy/identity/netpol/"));
+                    || name.starts_with("deploy/identity/netpol/")
+                    || name == "deploy/monitoring");
             assert!(
                 created.contains(ns) || onto_install,
                 "{name}: {} is in namespace {ns}, which it does not create",
@@ -1059,7 +1073,13 @@ fn cert_manager_overlay_serves_mounted_files_with_less_rbac() {
                 &["get", "list", "watch"],
                 "*"
             ),
+            ("", "pods", &["list", "watch"], "*"),
+            ("", "namespaces", &["list", "watch"], "*"),
         ])
+    );
+    assert!(
+        args.contains(&"--watch-pods"),
+        "the overlay keeps the drift detector"
     );
     assert!(find(&docs, "Role", "egress-webhook").is_err());
     assert!(find(&docs, "RoleBinding", "egress-webhook").is_err());

@@ -145,6 +145,23 @@ pub struct InjectionStatus {
     pub kept: BTreeMap<String, Vec<String>>,
 }
 
+/// Whether a pod is selected, decided from its labels and opt-in annotation alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Selection<'a> {
+    /// Selected: the profile (none for a per-pod opt-in) and the name the status
+    /// annotation and metrics record.
+    Selected {
+        /// The matching profile; `None` when only the opt-in annotation selects the pod.
+        profile: Option<&'a profile::Profile>,
+        /// The profile's name, or [`ANNOTATION_PROFILE`].
+        name: &'a str,
+    },
+    /// No profile selects the pod and it did not opt in.
+    NotSelected,
+    /// The pod opted out with the inject annotation set to `"false"`.
+    OptedOut,
+}
+
 /// Profile name recorded for pods selected only by the opt-in annotation.
 pub const ANNOTATION_PROFILE: &str = "annotation";
 
@@ -227,29 +244,26 @@ impl Injector {
         let no_labels = BTreeMap::new();
         let labels = view.labels.as_ref().unwrap_or(&no_labels);
 
-        let opt_in = match view.annotation(&self.config.inject_annotation).as_deref() {
-            Some("false") => {
+        let opt_in = view.annotation(&self.config.inject_annotation);
+        if let Some(other) = opt_in
+            .as_deref()
+            .filter(|v| !matches!(*v, "true" | "false"))
+        {
+            warnings.push(format!(
+                "egress-gate: annotation {}={other:?} ignored; use \"true\" or \"false\"",
+                self.config.inject_annotation
+            ));
+        }
+        let (profile, profile_name) = match self.select(labels, opt_in.as_deref()) {
+            Selection::Selected { profile, name } => (profile, name.to_string()),
+            Selection::OptedOut => {
                 return Mutation {
                     decision: Decision::OptedOut,
                     patch: Patch::default(),
                     warnings,
                 };
             }
-            Some("true") => true,
-            Some(other) => {
-                warnings.push(format!(
-                    "egress-gate: annotation {}={other:?} ignored; use \"true\" or \"false\"",
-                    self.config.inject_annotation
-                ));
-                false
-            }
-            None => false,
-        };
-        let profile = self.config.profiles.iter().find(|p| p.matches(labels));
-        let profile_name = match (profile, opt_in) {
-            (Some(p), _) => p.name.clone(),
-            (None, true) => ANNOTATION_PROFILE.to_string(),
-            (None, false) => {
+            Selection::NotSelected => {
                 return Mutation {
                     decision: Decision::NotSelected,
                     patch: Patch::default(),
@@ -323,6 +337,43 @@ impl Injector {
             patch: patch.finish(),
             warnings,
         }
+    }
+
+    /// Whether a pod with `labels` and the inject annotation's value `opt_in` is selected,
+    /// and by which profile: the rule admission applies, for callers that have only a pod's
+    /// metadata (the drift detector). An opt-out wins; then the first matching profile; then
+    /// the opt-in annotation.
+    pub fn select<'s>(
+        &'s self,
+        labels: &BTreeMap<String, String>,
+        opt_in: Option<&str>,
+    ) -> Selection<'s> {
+        if opt_in == Some("false") {
+            return Selection::OptedOut;
+        }
+        match self.config.profiles.iter().find(|p| p.matches(labels)) {
+            Some(p) => Selection::Selected {
+                profile: Some(p),
+                name: &p.name,
+            },
+            None if opt_in == Some("true") => Selection::Selected {
+                profile: None,
+                name: ANNOTATION_PROFILE,
+            },
+            None => Selection::NotSelected,
+        }
+    }
+
+    /// The `valuesHash` the status annotation of a pod injected now would record: a pod
+    /// whose recorded hash differs was injected under another configuration or other peer
+    /// Services than the current ones.
+    pub fn current_values_hash(
+        &self,
+        profile: Option<&profile::Profile>,
+        labels: &BTreeMap<String, String>,
+        ctx: &PodContext<'_>,
+    ) -> String {
+        values_hash(&self.env_pairs(self.no_proxy_for(profile, labels, ctx)))
     }
 
     /// The NO_PROXY value for one pod: the cluster's entries, then the pod's peer services,
