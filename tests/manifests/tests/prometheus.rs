@@ -491,9 +491,9 @@ fn prometheus_scrapes_both_binaries_and_the_rules_work_on_their_series() {
         silent = exprs
             .iter()
             .filter(|expr| {
-                !query(prom, expr)["result"]
+                query(prom, expr)["result"]
                     .as_array()
-                    .is_some_and(|r| !r.is_empty())
+                    .is_none_or(|r| r.is_empty())
             })
             .cloned()
             .collect();
