@@ -655,8 +655,18 @@ async fn bulk_bytes_arrive_intact_with_and_without_splice() {
 
 #[tokio::test]
 async fn only_cidrs_pins_a_name_to_its_private_endpoint() {
-    // The private endpoint: an echo server on 127.0.0.2, the one address the rule allows.
-    let endpoint = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+    // The private endpoint: an echo server on 127.0.0.2, the one address the rule allows,
+    // and a listener on 127.0.0.3 with the same port, outside the rule: it must see nothing.
+    // The port is free on 127.0.0.2; another socket may hold it on 127.0.0.3, so try again.
+    let (endpoint, outside) = loop {
+        let endpoint = tokio::net::TcpListener::bind("127.0.0.2:0").await.unwrap();
+        let port = endpoint.local_addr().unwrap().port();
+        match tokio::net::TcpListener::bind(("127.0.0.3", port)).await {
+            Ok(outside) => break (endpoint, upstream_from(outside)),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => continue,
+            Err(e) => panic!("bind 127.0.0.3:{port}: {e}"),
+        }
+    };
     let port = endpoint.local_addr().unwrap().port();
     let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepts.clone();
@@ -669,8 +679,6 @@ async fn only_cidrs_pins_a_name_to_its_private_endpoint() {
             });
         }
     });
-    // A second listener on 127.0.0.3, the same port: outside the rule, it must see nothing.
-    let outside = upstream_on("127.0.0.3", port).await;
     let p = proxy(&format!(
         "allow:\n  - host: myaccount.blob.core.windows.net\n    ports: [{port}]\n    cidrs: [127.0.0.2/32]\n    onlyCIDRs: true\n\
          hosts:\n  myaccount.blob.core.windows.net: [127.0.0.2]\n"
@@ -717,9 +725,8 @@ async fn only_cidrs_pins_a_name_to_its_private_endpoint() {
     assert_eq!(accepts.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
 
-/// A counting listener on a chosen loopback address and port.
-async fn upstream_on(ip: &str, port: u16) -> Upstream {
-    let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
+/// A listener that counts the connections it accepts.
+fn upstream_from(listener: tokio::net::TcpListener) -> Upstream {
     let accepts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = accepts.clone();
     let addr = listener.local_addr().unwrap();
