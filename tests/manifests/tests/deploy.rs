@@ -94,6 +94,12 @@ fn every_kustomization_renders_to_well_formed_unique_objects() {
         "deploy/examples/cnpg-legacy",
         "deploy/examples/namespace",
         "deploy/examples/velero",
+        "deploy/blob-gateway",
+        "deploy/blob-gateway/netpol/cilium",
+        "deploy/blob-gateway/netpol/kubernetes",
+        "deploy/examples/cnpg-blob-gateway",
+        "deploy/examples/cnpg-legacy-blob-gateway",
+        "deploy/examples/velero-blob-gateway",
     ] {
         assert!(
             names.iter().any(|n| n == expected),
@@ -1007,6 +1013,7 @@ fn every_kustomization_creates_the_namespaces_it_fills() {
             let onto_install = ns == NS
                 && (name.starts_with("deploy/netpol/")
                     || name.starts_with("deploy/identity/netpol/")
+                    || name.starts_with("deploy/blob-gateway")
                     || name == "deploy/monitoring");
             assert!(
                 created.contains(ns) || onto_install,
