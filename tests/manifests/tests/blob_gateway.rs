@@ -1,8 +1,10 @@
 //! The blob gateway's install keeps its contracts: the component adds the gateway to the
-//! proxy pods and nothing else, its config loads with the proxy's own loader and finds every
-//! file it names on a mount, its policies admit opted-in clients on the listener the config
-//! opens, and the CNPG and Velero examples say exactly what `egress-proxy blob client-config`
-//! prints for their virtual accounts (the binary is run).
+//! proxy pods and leaves the config to the admin's overlay, the config beside it loads with
+//! the proxy's own loader and finds every file it names on a mount, the overlay
+//! docs/blob-gateway.md shows renders with its own accounts, the policies admit opted-in
+//! clients on the listener the config opens, and the CNPG and Velero examples say exactly
+//! what `egress-proxy blob client-config` prints for their virtual accounts (the binary is
+//! run).
 //!
 //! The strict server-side apply of the same objects is in `apply.rs`.
 
@@ -66,17 +68,11 @@ fn proxy_yaml(docs: &[Value]) -> String {
         .to_owned()
 }
 
-/// The proxy config the component installs, written to a file of its own for the binary.
-fn component_config_file() -> &'static Path {
-    static FILE: OnceLock<PathBuf> = OnceLock::new();
-    FILE.get_or_init(|| {
-        let path = std::env::temp_dir().join(format!(
-            "egress-gate-blob-gateway-{}.yaml",
-            std::process::id()
-        ));
-        std::fs::write(&path, proxy_yaml(overlay())).unwrap();
-        path
-    })
+/// The proxy config to start from, beside the component: the base's with a blob: section.
+const CONFIG: &str = "deploy/blob-gateway/config/proxy.yaml";
+
+fn component_config_file() -> PathBuf {
+    repo_root().join(CONFIG)
 }
 
 #[test]
@@ -134,7 +130,7 @@ fn component_adds_the_gateway_to_the_proxy_pods_and_nothing_else() {
 
     // The config: the base's, unchanged, plus blob:, loaded by the proxy's own loader.
     let text = proxy_yaml(docs);
-    let config = egress_proxy::Config::parse(&text, "deploy/blob-gateway proxy.yaml").unwrap();
+    let config = egress_proxy::Config::parse(&text, CONFIG).unwrap();
     let blob = config.blob.as_ref().expect("a blob: section");
     let mut with_blob: Value = serde_yaml_ng::from_str(&text).unwrap();
     with_blob.as_object_mut().unwrap().remove("blob");
@@ -494,4 +490,62 @@ fn examples_reach_the_gateway_through_its_service_and_tls_port() {
     );
     let bucket = bsl["objectStorage"]["bucket"].as_str().unwrap().to_owned();
     assert!(container_of(account).contains(&bucket));
+}
+
+#[test]
+fn docs_overlay_renders_with_its_own_accounts() {
+    let files = egress_gate_manifests::doc_files("docs/blob-gateway.md");
+    let names: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        names,
+        ["my-cluster/kustomization.yaml", "my-cluster/proxy.yaml"],
+        "the overlay docs/blob-gateway.md shows"
+    );
+    // The overlay sits beside a copy of deploy/, as its `../deploy/...` assumes.
+    let dir = std::env::temp_dir().join(format!("egress-gate-blob-doc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    for (path, text) in &files {
+        let file = dir.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+    std::os::unix::fs::symlink(repo_root().join("deploy"), dir.join("deploy")).unwrap();
+    let docs = render(&dir.join("my-cluster"));
+    std::fs::remove_dir_all(&dir).unwrap();
+    let docs = docs.unwrap();
+
+    // The overlay's proxy.yaml replaces the component's, and the proxy's loader takes it.
+    let text = proxy_yaml(&docs);
+    assert_eq!(text, files[1].1, "the overlay's proxy.yaml, as written");
+    let config = egress_proxy::Config::parse(&text, "docs/blob-gateway.md proxy.yaml").unwrap();
+    let blob = config.blob.as_ref().unwrap();
+    // The component's Service and mounts are still there, and the overlay's files are on them.
+    find(&docs, "Service", SERVICE).unwrap();
+    let deployment = find(&docs, "Deployment", "egress-proxy").unwrap();
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let mounted = |file: &Path| {
+        container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| file.starts_with(m["mountPath"].as_str().unwrap()))
+    };
+    let tls = blob.tls.as_ref().unwrap();
+    assert_eq!(
+        item(&container["ports"], "name", "blob-tls")["containerPort"],
+        tls.listen.port()
+    );
+    for file in [&tls.cert_file, &tls.key_file] {
+        assert!(mounted(file), "{}", file.display());
+    }
+    for account in &blob.accounts {
+        for file in [&account.client_key_file, &account.upstream.shared_key_file] {
+            assert!(mounted(file), "{}", file.display());
+        }
+        let host = account.upstream.endpoint.trim_start_matches("https://");
+        assert!(
+            config.allow.iter().any(|r| r.host.as_deref() == Some(host)),
+            "{host} needs an allow rule"
+        );
+    }
 }
