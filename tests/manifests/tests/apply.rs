@@ -6,6 +6,9 @@
 //! must be refused with the missing field named, so the minimums stated in the docs stay true
 //! and an install on too old a release fails loudly.
 //!
+//! The blob gateway (a component, its policies and examples) is not in docs/install.md's
+//! order; `blob_gateway_install_applies_strictly` applies it the same way on its own.
+//!
 //! Needs the kube-apiserver binary (see `egress-gate-apiserver`) and the pinned CRD files
 //! (see `tests/manifests/crds/README.md`); without either it prints one `SKIPPED` line.
 
