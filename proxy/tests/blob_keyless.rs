@@ -374,6 +374,65 @@ async fn call(
     (status, r.text().await.unwrap())
 }
 
+/// A Blob Batch deleting `blobs` from `pgbackups`, every part signed with the client key as
+/// the SDK signs them.
+async fn batch_delete(gw: &Gateway, blobs: &[&str]) -> (u16, String) {
+    use egress_proxy::blob::batch::Batch;
+    let boundary = "batch_6f1c2d4e";
+    let date = httpdate::fmt_http_date(SystemTime::now());
+    let mut body = String::new();
+    for (i, blob) in blobs.iter().enumerate() {
+        body.push_str(&format!(
+            "--{boundary}\r\nContent-Type: application/http\r\nContent-ID: {i}\r\nContent-Transfer-Encoding: binary\r\n\r\nDELETE /pg-prod/pgbackups/{blob} HTTP/1.1\r\nx-ms-date: {date}\r\nContent-Length: 0\r\n\r\n\r\n"
+        ));
+    }
+    body.push_str(&format!("--{boundary}--\r\n"));
+    let mut batch = Batch::parse(body.as_bytes(), boundary).unwrap();
+    let key = AccountKey::from_base64(CLIENT_KEY).unwrap();
+    for part in &mut batch.parts {
+        sign(&mut part.request, "pg-prod", &key).unwrap();
+    }
+    let body = batch.to_bytes();
+    let content_type = format!("multipart/mixed; boundary={boundary}");
+    call(
+        gw,
+        "POST",
+        "/pg-prod/pgbackups?restype=container&comp=batch",
+        &body,
+        &[("content-type", content_type.as_str())],
+    )
+    .await
+}
+
+/// Everything this test binary logs (INFO and up), from the first call on.
+fn captured_log() -> Arc<Mutex<Vec<u8>>> {
+    static LOG: std::sync::OnceLock<Arc<Mutex<Vec<u8>>>> = std::sync::OnceLock::new();
+    LOG.get_or_init(|| {
+        let buffer = Arc::new(Mutex::new(Vec::new()));
+        let sink = buffer.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogSink(sink.clone()))
+            .try_init();
+        buffer
+    })
+    .clone()
+}
+
+/// A writer into the captured log.
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -484,13 +543,34 @@ async fn workload_identity_against_oauth_azurite_refreshes_and_follows_the_token
     .await;
     assert!(left > 0.0 && left <= 4.0, "seconds to expiry {left}");
 
+    // barman's retention deletes through a Blob Batch: every part carries the bearer token.
+    let (s, t) = batch_delete(&gw, &["wal/0001"]).await;
+    assert_eq!(s, 202, "{t}");
+    assert!(t.contains("HTTP/1.1 202"), "the part was accepted: {t}");
+    let (s, _) = call(&gw, "GET", "/pg-prod/pgbackups/wal/0001", b"", &[]).await;
+    assert_eq!(s, 404, "the batch deleted the blob");
+
     // A token endpoint that refuses: the token in hand keeps serving until it lapses (no
     // outage before then); after that the gateway answers 502 and counts the errors.
     std::fs::write(&token_file, "").unwrap();
-    let (s, t) = call(&gw, "GET", "/pg-prod/pgbackups/wal/0001", b"", &[]).await;
+    let (s, t) = call(
+        &gw,
+        "GET",
+        "/pg-prod/pgbackups?restype=container&comp=list",
+        b"",
+        &[],
+    )
+    .await;
     assert_eq!(s, 200, "the current token still serves: {t}");
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let (s, t) = call(&gw, "GET", "/pg-prod/pgbackups/wal/0001", b"", &[]).await;
+    let (s, t) = call(
+        &gw,
+        "GET",
+        "/pg-prod/pgbackups?restype=container&comp=list",
+        b"",
+        &[],
+    )
+    .await;
     assert_eq!(s, 502, "{t}");
     assert!(t.contains("AADSTS700024"), "{t}");
     let errors = common::metric(
@@ -561,12 +641,13 @@ async fn bearer_upstream(tls: Arc<rustls::ServerConfig>) -> BearerUpstream {
 
 #[tokio::test]
 async fn a_401_bearer_challenge_gets_exactly_one_new_token() {
+    let log = captured_log();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let tls_pki = pki(&["127.0.0.1"]);
     std::fs::write(d.join("ca.pem"), &tls_pki.ca_pem).unwrap();
     let token_file = d.join("token");
-    std::fs::write(&token_file, "federated").unwrap();
+    std::fs::write(&token_file, "federated-assertion-7f3a9c").unwrap();
     let entra = token_endpoint(server_tls(&tls_pki), token_file.clone()).await;
     let up = bearer_upstream(server_tls(&tls_pki)).await;
     let gw = gateway(
@@ -636,6 +717,17 @@ async fn a_401_bearer_challenge_gets_exactly_one_new_token() {
     assert_eq!(s, 401);
     assert_eq!(issued(), 4, "one refresh, not a loop");
     assert_eq!(up.seen.lock().unwrap().len(), before + 2);
+
+    // The log tells what happened, and never holds a token or the assertion.
+    let log = String::from_utf8(log.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("upstream token fetched"), "{log}");
+    assert!(log.contains("401 bearer challenge"), "{log}");
+    assert!(!log.contains("federated-assertion-7f3a9c"), "{log}");
+    for i in entra.issued.lock().unwrap().iter() {
+        assert!(!log.contains(&i.token), "a token in the log: {log}");
+        let payload = i.token.split('.').nth(1).unwrap();
+        assert!(!log.contains(payload), "a token's claims in the log: {log}");
+    }
 }
 
 #[tokio::test]
