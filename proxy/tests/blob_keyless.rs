@@ -906,6 +906,22 @@ async fn sas_file_against_azurite_is_re_read_when_it_changes() {
     let (s, t) = call(&gw, "GET", "/pg-prod/pgbackups/base/data.tar", b"", &[]).await;
     assert_eq!((s, t.as_str()), (200, "base backup bytes"));
 
+    // A Blob Batch delete: the SAS goes on the batch and on each part.
+    let (s, t) = call(
+        &gw,
+        "PUT",
+        "/pg-prod/pgbackups/base/old",
+        b"expired backup",
+        &[("x-ms-blob-type", "BlockBlob")],
+    )
+    .await;
+    assert_eq!(s, 201, "{t}");
+    let (s, t) = batch_delete(&gw, &["base/old"]).await;
+    assert_eq!(s, 202, "{t}");
+    assert!(t.contains("HTTP/1.1 202"), "the part was accepted: {t}");
+    let (s, _) = call(&gw, "GET", "/pg-prod/pgbackups/base/old", b"", &[]).await;
+    assert_eq!(s, 404, "the batch deleted the blob");
+
     // A read-only SAS replaces it: Azurite refuses the write, the listing still works.
     std::fs::write(&sas_path, container_sas("rl")).unwrap();
     let (s, t) = call(
