@@ -523,3 +523,34 @@ impl Collector for ExpiryCollector {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn token(seconds: u64) -> Token {
+        Token::new(Fetched {
+            token: "t".into(),
+            lifetime: Duration::from_secs(seconds),
+        })
+    }
+
+    #[test]
+    fn refresh_and_hand_out_times() {
+        let due = |t: &Token| (t.refresh_at - t.fetched).as_secs_f64();
+        let usable = |t: &Token| (t.usable_until - t.fetched).as_secs_f64();
+        // An Entra token (about an hour): at 80%, handed out until 30 s before expiry.
+        let hour = token(3600);
+        assert_eq!(due(&hour), 2880.0);
+        assert_eq!(usable(&hour), 3570.0);
+        // Twenty minutes: 80% would leave 4 minutes; 5 minutes before expiry is the latest.
+        assert_eq!(due(&token(1200)), 900.0);
+        // Ten minutes: 5 minutes before expiry is also half of it.
+        assert_eq!(due(&token(600)), 300.0);
+        // Short (test) tokens: never before half, margin a tenth.
+        let short = token(4);
+        assert_eq!(due(&short), 2.0);
+        assert!((usable(&short) - 3.6).abs() < 1e-9);
+    }
+}

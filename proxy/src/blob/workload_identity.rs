@@ -154,3 +154,83 @@ impl WorkloadIdentity {
         read_answer(&self.url, response).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let vars: Vec<(String, String)> = vars
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        move |k| vars.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn settings_come_from_the_file_then_the_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "t").unwrap();
+        let token_var = token.display().to_string();
+        let aks = env(&[
+            ("AZURE_CLIENT_ID", "env-client"),
+            ("AZURE_TENANT_ID", "env-tenant"),
+            ("AZURE_FEDERATED_TOKEN_FILE", &token_var),
+            ("AZURE_AUTHORITY_HOST", "https://login.microsoftonline.us/"),
+        ]);
+        let t = Duration::from_secs(1);
+        let w = WorkloadIdentity::new(&WorkloadIdentityConfig::default(), &aks, None, t).unwrap();
+        assert_eq!(w.key().client, "env-client");
+        assert_eq!(w.key().tenant, "env-tenant");
+        assert_eq!(w.key().authority, "https://login.microsoftonline.us/");
+        assert_eq!(
+            w.url,
+            "https://login.microsoftonline.us/env-tenant/oauth2/v2.0/token"
+        );
+        assert_eq!(w.token_file, token);
+        let given = WorkloadIdentityConfig {
+            client_id: Some("file-client".into()),
+            tenant_id: Some("contoso.onmicrosoft.com".into()),
+            token_file: Some(token.clone()),
+            authority_host: None,
+        };
+        let w = WorkloadIdentity::new(&given, env(&[]), None, t).unwrap();
+        assert_eq!(w.key().client, "file-client");
+        assert_eq!(
+            w.url,
+            "https://login.microsoftonline.com/contoso.onmicrosoft.com/oauth2/v2.0/token"
+        );
+        assert_eq!(w.key().scope, STORAGE_SCOPE);
+
+        let field = |c: &WorkloadIdentityConfig, vars: &[(&str, &str)]| {
+            WorkloadIdentity::new(c, env(vars), None, t)
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(field(&WorkloadIdentityConfig::default(), &[]), "clientId");
+        assert_eq!(
+            field(
+                &WorkloadIdentityConfig::default(),
+                &[("AZURE_CLIENT_ID", "c")]
+            ),
+            "tenantId"
+        );
+        let bad = |f: fn(&mut WorkloadIdentityConfig)| {
+            let mut c = given.clone();
+            f(&mut c);
+            field(&c, &[])
+        };
+        assert_eq!(bad(|c| c.tenant_id = Some("../evil".into())), "tenantId");
+        assert_eq!(bad(|c| c.client_id = Some("a b".into())), "clientId");
+        assert_eq!(
+            bad(|c| c.authority_host = Some("http://login.example".into())),
+            "authorityHost"
+        );
+        assert_eq!(
+            bad(|c| c.token_file = Some("/nonexistent/token".into())),
+            "tokenFile"
+        );
+    }
+}
