@@ -13,6 +13,7 @@
 //! `blob:` section with its keys read), [`metered`] (bodies counted as they stream) and [`serve`] (a connection and its requests).
 
 pub mod accounts;
+mod attempt;
 pub mod batch;
 pub mod collation;
 pub mod imds;

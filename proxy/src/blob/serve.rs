@@ -10,20 +10,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
-use hyper::body::{Body, Incoming};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::accounts::Account;
-use super::batch::{self, BatchError, MAX_BATCH_BODY, PartCheck};
+use super::attempt::{self, Attempt, token_refusal};
 use super::metered::Metered;
 use super::operation::{Operation, classify};
 use super::shared_key::{self, verify};
-use super::upstream_auth::Credential;
 use crate::metrics::BlobLabels;
 use crate::state::Shared;
 
@@ -100,19 +99,19 @@ struct Entry {
 }
 
 /// A refusal or failure: status, `x-ms-error-code`, short reason, sentence.
-struct Refuse {
+pub(super) struct Refuse {
     /// HTTP status.
-    status: StatusCode,
+    pub(super) status: StatusCode,
     /// `x-ms-error-code` and `<Code>`.
-    code: &'static str,
+    pub(super) code: &'static str,
     /// Stable reason for the log and metrics.
-    reason: &'static str,
+    pub(super) reason: &'static str,
     /// `<Message>`.
-    message: String,
+    pub(super) message: String,
 }
 
 impl Refuse {
-    fn forbidden(code: &'static str, reason: &'static str, message: String) -> Self {
+    pub(super) fn forbidden(code: &'static str, reason: &'static str, message: String) -> Self {
         Self {
             status: StatusCode::FORBIDDEN,
             code,
@@ -207,16 +206,7 @@ async fn forward(
         .credential(&shared.tokens)
         .await
         .map_err(token_refusal)?;
-    // What can be sent twice (a 401 bearer challenge is retried once with a new token):
-    // a batch (read whole anyway) and an empty body; anything else streams, once.
-    let bearer = matches!(credential, Credential::Bearer(_));
-    let (replay, stream) = if is_batch {
-        (Some(read_batch(&parts, body).await?), None)
-    } else if bearer && body.is_end_stream() {
-        (Some(Replay::Empty), None)
-    } else {
-        (None, Some(body))
-    };
+    let (replay, stream) = attempt::split_body(&parts, body, is_batch, &credential).await?;
     let attempt = Attempt {
         template: &parts,
         name: &name,
@@ -225,176 +215,9 @@ async fn forward(
         up,
         now,
     };
-    let mut response = send(&account, attempt.request(&credential, stream)?, &name).await?;
-    if let (Credential::Bearer(rejected), Some(token)) =
-        (&credential, account.auth.token_entry(&shared.tokens))
-        && response.status() == StatusCode::UNAUTHORIZED
-        && bearer_challenge(&response)
-    {
-        if replay.is_some() {
-            let fresh = token
-                .refresh_after_rejection(rejected)
-                .await
-                .map_err(token_refusal)?;
-            let retry = attempt.request(&Credential::Bearer(fresh), None)?;
-            response = send(&account, retry, &name).await?;
-        } else {
-            token.invalidate(rejected);
-        }
-    }
+    let response = attempt.run(&credential, stream, &shared.tokens).await?;
     entry.upstream_status = Some(response.status().as_u16());
     Ok(response.map(Either::Left))
-}
-
-/// A request body that can be sent again.
-enum Replay {
-    /// No body.
-    Empty,
-    /// A Blob Batch: the client's body (rewritten again per attempt, since every part
-    /// carries the credential) and its Content-Type.
-    Batch(Bytes, HeaderValue),
-}
-
-/// Everything one upstream attempt is built from.
-struct Attempt<'a> {
-    /// The client's head, hop-by-hop headers removed; cloned per attempt.
-    template: &'a http::request::Parts,
-    /// The virtual account.
-    name: &'a str,
-    /// Its settings.
-    account: &'a Account,
-    /// The body, when it can be sent more than once.
-    replay: Option<&'a Replay>,
-    /// Request-body bytes counter.
-    up: &'a Arc<AtomicU64>,
-    /// The clock batch parts are checked against.
-    now: SystemTime,
-}
-
-impl Attempt<'_> {
-    /// The upstream request with `credential`; `stream` is the client's body when it is
-    /// not replayable.
-    fn request(
-        &self,
-        credential: &Credential,
-        stream: Option<Incoming>,
-    ) -> Result<Request<super::upstream::UpBody>, Refuse> {
-        let mut parts = self.template.clone();
-        let body: super::upstream::UpBody = match (self.replay, stream) {
-            (Some(Replay::Batch(client, content_type)), _) => {
-                let check = PartCheck {
-                    virtual_account: self.name,
-                    client_key: &self.account.client_key,
-                    scope: &self.account.scope,
-                    upstream: &self.account.upstream,
-                    credential,
-                    now: self.now,
-                };
-                let new_body =
-                    batch::rewrite_body(client, content_type, &check).map_err(batch_refusal)?;
-                parts.headers.remove(TRANSFER_ENCODING);
-                parts
-                    .headers
-                    .insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
-                self.up.fetch_add(new_body.len() as u64, Ordering::Relaxed);
-                Either::Right(Full::new(Bytes::from(new_body)))
-            }
-            (None, Some(body)) => Either::Left(Metered::new(body, self.up.clone())),
-            _ => Either::Right(Full::new(Bytes::new())),
-        };
-        self.account
-            .upstream
-            .rewrite(&mut parts, self.name, credential)
-            .map_err(|e| {
-                Refuse::forbidden(shared_key::ERROR_CODE, "rewrite-failed", e.to_string())
-            })?;
-        Ok(Request::from_parts(parts, body))
-    }
-}
-
-/// Sends one request upstream; a failure to get an answer is a 502.
-async fn send(
-    account: &Account,
-    request: Request<super::upstream::UpBody>,
-    name: &str,
-) -> Result<Response<Incoming>, Refuse> {
-    account.client.send(request).await.map_err(|e| {
-        let source = std::error::Error::source(&e).map(ToString::to_string);
-        tracing::warn!(account = %name, error = %e, source = ?source, "blob upstream request failed");
-        Refuse {
-            status: StatusCode::BAD_GATEWAY,
-            code: "UpstreamUnavailable",
-            reason: "upstream-failed",
-            message: format!(
-                "the gateway could not reach the storage account: {}",
-                source.unwrap_or_else(|| e.to_string())
-            ),
-        }
-    })
-}
-
-/// Whether a 401 carries `WWW-Authenticate: Bearer ...` (Azure Storage's challenge).
-fn bearer_challenge<B>(response: &Response<B>) -> bool {
-    response
-        .headers()
-        .get_all(http::header::WWW_AUTHENTICATE)
-        .iter()
-        .any(|v| {
-            v.as_bytes()
-                .get(..7)
-                .is_some_and(|p| p.eq_ignore_ascii_case(b"bearer "))
-        })
-}
-
-/// No token for a bearer upstream: 502, the reason in the message (no secret in it).
-fn token_refusal(e: super::token::FetchError) -> Refuse {
-    Refuse {
-        status: StatusCode::BAD_GATEWAY,
-        code: "UpstreamUnavailable",
-        reason: "token-failed",
-        message: format!("the gateway has no token for the storage account: {e}"),
-    }
-}
-
-/// A batch the gateway does not forward.
-fn batch_refusal(e: BatchError) -> Refuse {
-    let (status, code) = match &e {
-        BatchError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestBodyTooLarge"),
-        BatchError::Auth { source, .. } => (StatusCode::FORBIDDEN, source.error_code()),
-        BatchError::Refused { source, .. } => (StatusCode::FORBIDDEN, source.error_code()),
-        BatchError::NotBatchable { .. } => {
-            (StatusCode::FORBIDDEN, "AuthorizationPermissionMismatch")
-        }
-        _ => (StatusCode::BAD_REQUEST, "InvalidInput"),
-    };
-    Refuse {
-        status,
-        code,
-        reason: e.reason(),
-        message: e.to_string(),
-    }
-}
-
-/// Reads a batch body (bounded) with its Content-Type; the parts are checked and
-/// rewritten per attempt.
-async fn read_batch(parts: &http::request::Parts, body: Incoming) -> Result<Replay, Refuse> {
-    let content_type = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .ok_or_else(|| batch_refusal(BatchError::NoBoundary))?
-        .clone();
-    let bytes = Limited::new(body, MAX_BATCH_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                batch_refusal(BatchError::TooLarge)
-            } else {
-                batch_refusal(BatchError::Malformed("the body could not be read"))
-            }
-        })?
-        .to_bytes();
-    Ok(Replay::Batch(bytes, content_type))
 }
 
 /// An Azure-style error: status, `x-ms-error-code`, and the XML `<Error>` document.
