@@ -1,7 +1,9 @@
 //! The second way out: the blob gateway, a reverse proxy that holds the storage account
 //! keys so workloads do not. A workload signs its request with a gateway-only
 //! client key; the gateway checks that signature, rewrites the request for the real account
-//! and signs it again with the real key.
+//! and signs it again with the real key, or sends its own Entra token or a SAS instead
+//! (then it holds no key at all). `attempt` sends one upstream request and retries it once
+//! after a 401 bearer challenge.
 //!
 //! Pure code on [`http::request::Parts`]: [`shared_key`] (string-to-sign, signing,
 //! verification) with [`collation`] (the service's header order), [`operation`] (what a
