@@ -18,4 +18,7 @@ cargo build -q -p egress-proxy -p egress-webhook --bins
 export E2E_BIN=${E2E_BIN:-$(realpath -m "$CARGO_TARGET_DIR/debug")}
 bash tests/e2e/run.sh
 # The blob gateway against the same Azurite install, through the Azure SDK for Python.
-exec bash tests/e2e/blob-gateway.sh
+bash tests/e2e/blob-gateway.sh
+# barman-cloud backup and restore through the gateway with no storage key (workload
+# identity against Azurite in OAuth mode).
+exec bash tests/e2e/blob-keyless.sh
