@@ -8,7 +8,7 @@
 //! request does, and whether the account may), [`rewrite`] (the request for the real
 //! account, re-signed) and [`batch`] (the same for every part of a Blob Batch). On top:
 //! [`upstream`] (the pooled client that dials through the policy), [`accounts`] (the
-//! `blob:` section with its keys read), [`metered`] (bodies counted as they stream) and [`serve`] (a connection and its requests).
+//! `blob:` section with its keys read), [`metered`] (bodies counted as they stream), [`stall`] (`bodyIdleTimeout`: stuck peers cut off) and [`serve`] (a connection and its requests).
 
 pub mod accounts;
 pub mod batch;
@@ -18,4 +18,5 @@ pub mod operation;
 pub mod rewrite;
 pub mod serve;
 pub mod shared_key;
+pub mod stall;
 pub mod upstream;

@@ -23,6 +23,7 @@ use super::batch::{self, BatchError, MAX_BATCH_BODY, PartCheck};
 use super::metered::Metered;
 use super::operation::{Operation, classify};
 use super::shared_key::{self, verify};
+use super::stall::{IdleBody, Progress, Stall};
 use crate::metrics::BlobLabels;
 use crate::state::Shared;
 
@@ -39,8 +40,9 @@ const HOP_BY_HOP: [&str; 7] = [
     "expect",
 ];
 
-/// The response body: the upstream's, streamed, or the gateway's own error document.
-type DownBody = Metered<Either<Incoming, Full<Bytes>>>;
+/// The response body: the upstream's, streamed (and cut if it stalls), or the gateway's own
+/// error document.
+type DownBody = Metered<Either<IdleBody<Incoming>, Full<Bytes>>>;
 
 /// Serves one client connection (plain or TLS) until it closes, the drain ends it between
 /// requests, or the drain deadline cuts it.
@@ -138,7 +140,16 @@ async fn request(
         start: Instant::now(),
     };
     let up = Arc::new(AtomicU64::new(0));
-    let result = forward(req, shared, &mut entry, &up).await;
+    // Without a `blob:` section the request is refused before any body is read.
+    let limit = shared
+        .live()
+        .blob
+        .as_ref()
+        .map_or(crate::config::DEFAULT_BLOB_BODY_IDLE_TIMEOUT, |a| {
+            a.body_idle_timeout
+        });
+    let progress = Arc::new(Progress::new(limit));
+    let result = forward(req, shared, &mut entry, &up, &progress).await;
     let response = match result {
         Ok(r) => r,
         Err(refuse) => {
@@ -150,6 +161,11 @@ async fn request(
     let (parts, body) = response.into_parts();
     let shared = shared.clone();
     let body = Metered::new(body, Arc::new(AtomicU64::new(0))).on_end(move |down| {
+        let mut entry = entry;
+        if let Some(stall) = progress.stall() {
+            entry.result = stall.reason();
+            warn_stall(&entry, stall, progress.limit());
+        }
         finish(&entry, up.load(Ordering::Relaxed), down, &shared);
     });
     Response::from_parts(parts, body)
@@ -161,7 +177,8 @@ async fn forward(
     shared: &Shared,
     entry: &mut Entry,
     up: &Arc<AtomicU64>,
-) -> Result<Response<Either<Incoming, Full<Bytes>>>, Refuse> {
+    progress: &Arc<Progress>,
+) -> Result<Response<Either<IdleBody<Incoming>, Full<Bytes>>>, Refuse> {
     let live = shared.live();
     let accounts = live.blob.clone().ok_or_else(|| Refuse {
         status: StatusCode::SERVICE_UNAVAILABLE,
@@ -170,6 +187,7 @@ async fn forward(
         message: "the blob gateway is not configured".into(),
     })?;
     let (mut parts, body) = req.into_parts();
+    let body = IdleBody::request(body, progress.clone());
     let name = parts
         .uri
         .path()
@@ -198,7 +216,7 @@ async fn forward(
         .authorize(&classified)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
     let body: super::upstream::UpBody = if classified.operation == Operation::BlobBatch {
-        let new_body = batch_body(&parts, body, &name, &account, now).await?;
+        let new_body = batch_body(&parts, body, &name, &account, now, progress).await?;
         parts.headers.remove(TRANSFER_ENCODING);
         parts
             .headers
@@ -215,10 +233,16 @@ async fn forward(
         .upstream
         .rewrite(&mut parts, &name)
         .map_err(|e| Refuse::forbidden(shared_key::ERROR_CODE, "rewrite-failed", e.to_string()))?;
-    let response = account
-        .client
-        .send(Request::from_parts(parts, body))
-        .await
+    let send = account.client.send(Request::from_parts(parts, body));
+    // Dropping the request on a stall closes its upstream connection.
+    let sent = tokio::select! {
+        r = send => r,
+        () = progress.upstream_stalled() => return Err(stalled(Stall::Upstream, progress.limit())),
+    };
+    if let Some(stall) = progress.stall() {
+        return Err(stalled(stall, progress.limit()));
+    }
+    let response = sent
         .map_err(|e| {
             let source = std::error::Error::source(&e).map(ToString::to_string);
             tracing::warn!(account = %name, error = %e, source = ?source, "blob upstream request failed");
@@ -233,16 +257,53 @@ async fn forward(
             }
         })?;
     entry.upstream_status = Some(response.status().as_u16());
-    Ok(response.map(Either::Left))
+    let progress = progress.clone();
+    Ok(response.map(|body| Either::Left(IdleBody::response(body, progress))))
+}
+
+/// The answer to a request that stalled before the upstream's answer began: 408 when the
+/// client stopped sending its body, 504 when the upstream stopped reading it or answering.
+fn stalled(stall: Stall, limit: std::time::Duration) -> Refuse {
+    let (status, message) = match stall {
+        Stall::ClientBody => (
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body stopped: no byte for {limit:?} (blob.bodyIdleTimeout)"),
+        ),
+        Stall::Upstream | Stall::UpstreamBody => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the storage account stopped: nothing moved for {limit:?} (blob.bodyIdleTimeout)"
+            ),
+        ),
+    };
+    Refuse {
+        status,
+        code: "OperationTimedOut",
+        reason: stall.reason(),
+        message,
+    }
+}
+
+/// The warning beside the access-log line of a request a stall ended.
+fn warn_stall(entry: &Entry, stall: Stall, limit: std::time::Duration) {
+    tracing::warn!(
+        account = %entry.account,
+        operation = entry.operation,
+        client = %entry.client,
+        reason = stall.reason(),
+        limit_secs = limit.as_secs_f64(),
+        "blob request aborted: no byte moved within blob.bodyIdleTimeout; both connections closed"
+    );
 }
 
 /// Reads a batch body (bounded), checks, rewrites and re-signs every part.
 async fn batch_body(
     parts: &http::request::Parts,
-    body: Incoming,
+    body: IdleBody<Incoming>,
     name: &str,
     account: &Account,
     now: SystemTime,
+    progress: &Progress,
 ) -> Result<Vec<u8>, Refuse> {
     let refuse = |e: BatchError| {
         let (status, code) = match &e {
@@ -270,7 +331,9 @@ async fn batch_body(
         .collect()
         .await
         .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
+            if let Some(stall) = progress.stall() {
+                stalled(stall, progress.limit())
+            } else if e.is::<http_body_util::LengthLimitError>() {
                 refuse(BatchError::TooLarge)
             } else {
                 refuse(BatchError::Malformed("the body could not be read"))
@@ -288,7 +351,7 @@ async fn batch_body(
 }
 
 /// An Azure-style error: status, `x-ms-error-code`, and the XML `<Error>` document.
-fn error_response(r: &Refuse) -> Response<Either<Incoming, Full<Bytes>>> {
+fn error_response(r: &Refuse) -> Response<Either<IdleBody<Incoming>, Full<Bytes>>> {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{}</Code><Message>{}</Message></Error>",
         r.code,
