@@ -150,6 +150,11 @@ struct Gateway {
 }
 
 async fn gateway(port: u16, head_timeout: &str, extra: &str) -> Gateway {
+    gateway_with(port, head_timeout, extra, "[read, list, write]").await
+}
+
+/// [`gateway`] with `pg-prod`'s permissions given.
+async fn gateway_with(port: u16, head_timeout: &str, extra: &str, permissions: &str) -> Gateway {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().display();
     std::fs::write(dir.path().join("client.key"), CLIENT_KEY).unwrap();
@@ -171,7 +176,7 @@ blob:
     - name: pg-prod
       clientKeyFile: {d}/client.key
       containers: [pgbackups]
-      permissions: [read, list, write]
+      permissions: {permissions}
       upstream:
         endpoint: http://127.0.0.1:{port}/realacct
         account: realacct
@@ -522,6 +527,68 @@ async fn chunked_uploads_stream_through_chunked_and_signed() {
     // Passed on as it came: chunked, not buffered to find a length.
     assert_eq!(seen[0].headers["transfer-encoding"], "chunked");
     assert!(!seen[0].headers.contains_key("content-length"));
+}
+
+#[tokio::test]
+async fn a_chunked_blob_batch_is_forwarded_with_its_new_length() {
+    let (up, seen) = answering_upstream().await;
+    let gw = gateway_with(up.port(), "10s", "", "[read, delete]").await;
+    // One Delete Blob part, signed with the client key as the SDKs sign batch parts.
+    let (mut part, ()) = http::Request::builder()
+        .method("DELETE")
+        .uri("/pg-prod/pgbackups/wal/9")
+        .header("x-ms-date", httpdate::fmt_http_date(SystemTime::now()))
+        .header("content-length", "0")
+        .body(())
+        .unwrap()
+        .into_parts();
+    sign(
+        &mut part,
+        "pg-prod",
+        &AccountKey::from_base64(CLIENT_KEY).unwrap(),
+    )
+    .unwrap();
+    let mut body = String::from(
+        "--batch_b8\r\nContent-Type: application/http\r\nContent-ID: 0\r\nContent-Transfer-Encoding: binary\r\n\r\nDELETE /pg-prod/pgbackups/wal/9 HTTP/1.1\r\n",
+    );
+    for (k, v) in &part.headers {
+        body.push_str(&format!("{k}: {}\r\n", v.to_str().unwrap()));
+    }
+    body.push_str("\r\n\r\n--batch_b8--\r\n");
+    let mut c = TcpStream::connect(gw.addr).await.unwrap();
+    c.write_all(&head(
+        "POST",
+        "/pg-prod/pgbackups?restype=container&comp=batch",
+        &[
+            ("content-type", "multipart/mixed; boundary=batch_b8"),
+            ("transfer-encoding", "chunked"),
+        ],
+    ))
+    .await
+    .unwrap();
+    let (a, b) = body.split_at(body.len() / 2);
+    for chunk in [a, b] {
+        c.write_all(format!("{:x}\r\n{chunk}\r\n", chunk.len()).as_bytes())
+            .await
+            .unwrap();
+    }
+    c.write_all(b"0\r\n\r\n").await.unwrap();
+    let answer = read_response(&mut c).await;
+    assert!(answer.starts_with("HTTP/1.1 201 "), "{answer}");
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 1);
+    assert!(seen[0].signed_ok);
+    assert!(!seen[0].headers.contains_key("transfer-encoding"));
+    assert_eq!(
+        seen[0].headers["content-length"],
+        seen[0].body.len().to_string().as_str()
+    );
+    let forwarded = String::from_utf8(seen[0].body.clone()).unwrap();
+    assert!(
+        forwarded.contains("DELETE /realacct/pgbackups/wal/9 HTTP/1.1\r\n"),
+        "{forwarded}"
+    );
+    assert!(forwarded.contains("SharedKey realacct:"), "{forwarded}");
 }
 
 /// The real binary, started on `config`, with its JSON log on a channel.
