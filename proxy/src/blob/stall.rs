@@ -152,8 +152,13 @@ pub struct IdleBody<B> {
     progress: std::sync::Arc<Progress>,
     /// What a stall of this body is.
     stall: Stall,
-    /// Fires at the last frame plus the limit; boxed so the body stays `Unpin`.
+    /// Fires the limit after the peer was first asked for a frame it did not have; boxed
+    /// so the body stays `Unpin`.
     timer: Pin<Box<Sleep>>,
+    /// Set after a frame: the next wait starts the clock afresh. Time in which nobody
+    /// polled this body (the other side busy or slow to take the last frame) is not the
+    /// peer's silence.
+    rearm: bool,
 }
 
 impl<B> std::fmt::Debug for IdleBody<B> {
@@ -182,6 +187,9 @@ impl<B> IdleBody<B> {
             progress,
             stall,
             timer,
+            // The clock starts at the first wait, not here: dialling the upstream before
+            // the request body is first asked for is not the client's silence.
+            rearm: true,
         }
     }
 
@@ -215,8 +223,7 @@ where
                     this.progress.touch();
                 }
                 this.waiting(false);
-                let next = tokio::time::Instant::now() + this.progress.limit;
-                this.timer.as_mut().reset(next);
+                this.rearm = true;
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(Some(Err(e))) => {
@@ -229,6 +236,10 @@ where
             }
             Poll::Pending => {
                 this.waiting(true);
+                if std::mem::take(&mut this.rearm) {
+                    let next = tokio::time::Instant::now() + this.progress.limit;
+                    this.timer.as_mut().reset(next);
+                }
                 if this.timer.as_mut().poll(cx).is_ready() {
                     this.waiting(false);
                     this.progress.set_stall(this.stall);
@@ -312,6 +323,31 @@ mod tests {
         assert_eq!(stall.stall, Stall::ClientBody);
         assert_eq!(progress.stall(), Some(Stall::ClientBody));
         drop(tx);
+    }
+
+    #[tokio::test]
+    async fn time_nobody_asked_for_a_frame_is_not_the_peers_silence() {
+        let progress = Arc::new(Progress::new(LIMIT));
+        let (tx, body) = channel_body();
+        let mut body = IdleBody::response(body, progress.clone());
+        tx.send(Ok(Frame::data(Bytes::from_static(b"x"))))
+            .await
+            .unwrap();
+        body.frame().await.unwrap().unwrap();
+        // The consumer takes its time (twice the limit) before it asks again; the next
+        // frame arrives shortly after it does.
+        tokio::time::sleep(LIMIT * 2).await;
+        let sender = tokio::spawn(async move {
+            tokio::time::sleep(LIMIT / 4).await;
+            tx.send(Ok(Frame::data(Bytes::from_static(b"y"))))
+                .await
+                .unwrap();
+            tx
+        });
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "y");
+        assert_eq!(progress.stall(), None);
+        drop(sender.await.unwrap());
     }
 
     #[tokio::test]
