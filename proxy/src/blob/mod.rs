@@ -12,7 +12,7 @@
 //! [`upstream`] (the pooled client that dials through the policy), [`upstream_auth`] (how
 //! the gateway authenticates upstream: real key, [`token`]s from [`workload_identity`] or
 //! [`imds`], or a [`sas_file`]), [`accounts`] (the
-//! `blob:` section with its keys read), [`metered`] (bodies counted as they stream) and [`serve`] (a connection and its requests).
+//! `blob:` section with its keys read), [`metered`] (bodies counted as they stream), [`stall`] (`bodyIdleTimeout`: stuck peers cut off) and [`serve`] (a connection and its requests).
 
 pub mod accounts;
 mod attempt;
@@ -25,6 +25,7 @@ pub mod rewrite;
 pub mod sas_file;
 pub mod serve;
 pub mod shared_key;
+pub mod stall;
 pub mod token;
 pub mod upstream;
 pub mod upstream_auth;

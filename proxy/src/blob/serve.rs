@@ -23,6 +23,7 @@ use super::attempt::{self, Attempt, token_refusal};
 use super::metered::Metered;
 use super::operation::{Operation, classify};
 use super::shared_key::{self, verify};
+use super::stall::{IdleBody, Progress, Stall};
 use crate::metrics::BlobLabels;
 use crate::state::Shared;
 
@@ -39,8 +40,9 @@ const HOP_BY_HOP: [&str; 7] = [
     "expect",
 ];
 
-/// The response body: the upstream's, streamed, or the gateway's own error document.
-type DownBody = Metered<Either<Incoming, Full<Bytes>>>;
+/// The response body: the upstream's, streamed (and cut if it stalls), or the gateway's own
+/// error document.
+type DownBody = Metered<Either<IdleBody<Incoming>, Full<Bytes>>>;
 
 /// Serves one client connection (plain or TLS) until it closes, the drain ends it between
 /// requests, or the drain deadline cuts it.
@@ -138,7 +140,16 @@ async fn request(
         start: Instant::now(),
     };
     let up = Arc::new(AtomicU64::new(0));
-    let result = forward(req, shared, &mut entry, &up).await;
+    // Without a `blob:` section the request is refused before any body is read.
+    let limit = shared
+        .live()
+        .blob
+        .as_ref()
+        .map_or(crate::config::DEFAULT_BLOB_BODY_IDLE_TIMEOUT, |a| {
+            a.body_idle_timeout
+        });
+    let progress = Arc::new(Progress::new(limit));
+    let result = forward(req, shared, &mut entry, &up, &progress).await;
     let response = match result {
         Ok(r) => r,
         Err(refuse) => {
@@ -150,6 +161,11 @@ async fn request(
     let (parts, body) = response.into_parts();
     let shared = shared.clone();
     let body = Metered::new(body, Arc::new(AtomicU64::new(0))).on_end(move |down| {
+        let mut entry = entry;
+        if let Some(stall) = progress.stall() {
+            entry.result = stall.reason();
+            warn_stall(&entry, stall, progress.limit());
+        }
         finish(&entry, up.load(Ordering::Relaxed), down, &shared);
     });
     Response::from_parts(parts, body)
@@ -161,7 +177,8 @@ async fn forward(
     shared: &Shared,
     entry: &mut Entry,
     up: &Arc<AtomicU64>,
-) -> Result<Response<Either<Incoming, Full<Bytes>>>, Refuse> {
+    progress: &Arc<Progress>,
+) -> Result<Response<Either<IdleBody<Incoming>, Full<Bytes>>>, Refuse> {
     let live = shared.live();
     let accounts = live.blob.clone().ok_or_else(|| Refuse {
         status: StatusCode::SERVICE_UNAVAILABLE,
@@ -170,6 +187,7 @@ async fn forward(
         message: "the blob gateway is not configured".into(),
     })?;
     let (mut parts, body) = req.into_parts();
+    let body = IdleBody::request(body, progress.clone());
     let name = parts
         .uri
         .path()
@@ -206,7 +224,8 @@ async fn forward(
         .credential(&shared.tokens)
         .await
         .map_err(token_refusal)?;
-    let (replay, stream) = attempt::split_body(&parts, body, is_batch, &credential).await?;
+    let (replay, stream) =
+        attempt::split_body(&parts, body, is_batch, &credential, progress).await?;
     let attempt = Attempt {
         template: &parts,
         name: &name,
@@ -214,14 +233,51 @@ async fn forward(
         replay: replay.as_ref(),
         up,
         now,
+        progress,
     };
     let response = attempt.run(&credential, stream, &shared.tokens).await?;
     entry.upstream_status = Some(response.status().as_u16());
-    Ok(response.map(Either::Left))
+    let progress = progress.clone();
+    Ok(response.map(|body| Either::Left(IdleBody::response(body, progress))))
+}
+
+/// The answer to a request that stalled before the upstream's answer began: 408 when the
+/// client stopped sending its body, 504 when the upstream stopped reading it or answering.
+pub(super) fn stalled(stall: Stall, limit: std::time::Duration) -> Refuse {
+    let (status, message) = match stall {
+        Stall::ClientBody => (
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body stopped: no byte for {limit:?} (blob.bodyIdleTimeout)"),
+        ),
+        Stall::Upstream | Stall::UpstreamBody => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the storage account stopped: nothing moved for {limit:?} (blob.bodyIdleTimeout)"
+            ),
+        ),
+    };
+    Refuse {
+        status,
+        code: "OperationTimedOut",
+        reason: stall.reason(),
+        message,
+    }
+}
+
+/// The warning beside the access-log line of a request a stall ended.
+fn warn_stall(entry: &Entry, stall: Stall, limit: std::time::Duration) {
+    tracing::warn!(
+        account = %entry.account,
+        operation = entry.operation,
+        client = %entry.client,
+        reason = stall.reason(),
+        limit_secs = limit.as_secs_f64(),
+        "blob request aborted: no byte moved within blob.bodyIdleTimeout; both connections closed"
+    );
 }
 
 /// An Azure-style error: status, `x-ms-error-code`, and the XML `<Error>` document.
-fn error_response(r: &Refuse) -> Response<Either<Incoming, Full<Bytes>>> {
+fn error_response(r: &Refuse) -> Response<Either<IdleBody<Incoming>, Full<Bytes>>> {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{}</Code><Message>{}</Message></Error>",
         r.code,
