@@ -64,7 +64,12 @@ real_host=realacct.blob.core.windows.net
 # The storage upstream: HTTPS with a certificate for the real account's host name.
 "$bin/egress-bench" blob upstream --name "$real_host" --ca-out "$work/upstream-ca.pem" >"$work/upstream.out" 2>"$work/upstream.stderr" &
 up_pid=$!; pids+=("$up_pid")
-for _ in $(seq 100); do grep -q listening "$work/upstream.out" 2>/dev/null && break; sleep 0.05; done
+# Up to 30 s: on a loaded machine, starting and making the certificate can take seconds.
+for _ in $(seq 600); do
+  grep -q listening "$work/upstream.out" 2>/dev/null && break
+  kill -0 "$up_pid" 2>/dev/null || break
+  sleep 0.05
+done
 up=$(awk '/listening/ {print $2}' "$work/upstream.out")
 [[ -n $up ]] || { echo "bench-blob: the upstream did not start (see $work/upstream.stderr)" >&2; exit 1; }
 up_port=${up#*:}

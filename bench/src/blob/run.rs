@@ -58,9 +58,28 @@ pub struct BlobRunArgs {
     /// largest single Put Blob barman-cloud sends).
     #[arg(long, default_value_t = 64)]
     pub blob_mib: u64,
+    /// The scenarios to run (all by default; fewer to profile one of them, e.g. with
+    /// `perf record -p <proxy pid>`).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "upload,download,small-get"
+    )]
+    pub scenarios: Vec<Scenario>,
     /// Where to write the result.
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// One of the blob scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Put Blob after Put Blob.
+    Upload,
+    /// Get Blob after Get Blob.
+    Download,
+    /// Small Get Blobs: the per-request overhead.
+    SmallGet,
 }
 
 /// Which way the bulk scenario moves bytes.
@@ -94,14 +113,21 @@ pub async fn run(args: BlobRunArgs) -> anyhow::Result<()> {
     if let Some(load) = procfs::loadavg_1m() {
         fig.insert("loadavg_1m".into(), load);
     }
-    for dir in [Direction::Upload, Direction::Download] {
-        bulk(&args, &endpoint, dir, &mut fig)
-            .await
-            .with_context(|| dir.name())?;
+    for (scenario, dir) in [
+        (Scenario::Upload, Direction::Upload),
+        (Scenario::Download, Direction::Download),
+    ] {
+        if args.scenarios.contains(&scenario) {
+            bulk(&args, &endpoint, dir, &mut fig)
+                .await
+                .with_context(|| dir.name())?;
+        }
     }
-    small_get(&args, &endpoint, &mut fig)
-        .await
-        .context("small GET")?;
+    if args.scenarios.contains(&Scenario::SmallGet) {
+        small_get(&args, &endpoint, &mut fig)
+            .await
+            .context("small GET")?;
+    }
     let result = RunResult {
         name: args.name.clone(),
         connect_target: args.endpoint.clone(),
@@ -158,6 +184,7 @@ async fn bulk(
     let gib = total as f64 / (1u64 << 30) as f64;
     let prefix = dir.name();
     fig.insert(format!("{prefix}_gbps"), total as f64 * 8.0 / secs / 1e9);
+    fig.insert(format!("{prefix}_gib"), gib);
     record_cpu(fig, prefix, before, cpu_now(args), secs, Some(gib));
     Ok(())
 }
