@@ -233,3 +233,55 @@ fn connector(ca: &Path) -> anyhow::Result<TlsConnector> {
         .with_no_client_auth();
     Ok(TlsConnector::from(Arc::new(config)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blob::upstream::{UpstreamArgs, accept_loop, bind};
+
+    /// The client against the real upstream over TLS, as the direct path runs: uploads and
+    /// downloads go through whole, and a refused request is an error naming the status.
+    #[tokio::test]
+    async fn talks_to_the_upstream_over_tls() {
+        let dir = std::env::temp_dir().join(format!("egb3-blob-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ca = dir.join("ca.pem");
+        let key = dir.join("real.key");
+        std::fs::write(&key, "cmVhbC1rZXk=\n").unwrap();
+        let name = "realacct.blob.core.windows.net";
+        let bound = bind(&UpstreamArgs {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            name: name.to_owned(),
+            ca_out: ca.clone(),
+        })
+        .await
+        .unwrap();
+        let addr = bound.local_addr().unwrap();
+        tokio::spawn(accept_loop(bound));
+        let url = format!("https://{name}:{}", addr.port());
+        let endpoint = Endpoint::new(&url, Some(addr), Some(&ca), "realacct", &key).unwrap();
+        let mut conn = endpoint.connect().await.unwrap();
+        conn.put("a", 3 * CHUNK_PLUS).await.unwrap();
+        conn.get(3 * CHUNK_PLUS).await.unwrap();
+        conn.get(0).await.unwrap();
+        // The upstream knows no blob by this name: 404, reported as an error.
+        let req = endpoint.request(Method::GET, "unknown", 0).unwrap();
+        let resp = conn.send(req).await.unwrap();
+        let err = expect(resp, StatusCode::OK, "Get Blob").await.unwrap_err();
+        assert!(err.to_string().contains("404"), "{err}");
+        // A name the certificate does not hold: the TLS check refuses it.
+        let wrong = Endpoint::new(
+            &format!("https://other.example:{}", addr.port()),
+            Some(addr),
+            Some(&ca),
+            "realacct",
+            &key,
+        )
+        .unwrap();
+        assert!(wrong.connect().await.is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Not a multiple of the chunk size, so the last frame is a short one.
+    const CHUNK_PLUS: u64 = super::super::body::CHUNK as u64 + 7;
+}

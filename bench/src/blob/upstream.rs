@@ -50,12 +50,43 @@ pub struct UpstreamArgs {
 
 /// Writes the CA, prints `listening ADDR`, then serves until killed.
 pub async fn serve(args: UpstreamArgs) -> anyhow::Result<()> {
+    let bound = bind(&args).await?;
+    println!("listening {}", bound.local_addr()?);
+    accept_loop(bound).await
+}
+
+/// A bound upstream: its certificate made and the CA written, not yet serving.
+pub struct Bound {
+    /// The listening socket.
+    listener: TcpListener,
+    /// The TLS side of every connection it accepts.
+    acceptor: TlsAcceptor,
+}
+
+impl Bound {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+}
+
+/// Makes the certificate, writes the CA to `args.ca_out` and binds `args.listen`.
+pub async fn bind(args: &UpstreamArgs) -> anyhow::Result<Bound> {
     let (ca_pem, tls) = certificate(&args.name)?;
     std::fs::write(&args.ca_out, ca_pem)
         .with_context(|| format!("write {}", args.ca_out.display()))?;
-    let acceptor = TlsAcceptor::from(Arc::new(tls));
-    let listener = TcpListener::bind(args.listen).await?;
-    println!("listening {}", listener.local_addr()?);
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("bind {}", args.listen))?;
+    Ok(Bound {
+        listener,
+        acceptor: TlsAcceptor::from(Arc::new(tls)),
+    })
+}
+
+/// Serves a bound upstream until the process ends.
+pub async fn accept_loop(bound: Bound) -> anyhow::Result<()> {
+    let Bound { listener, acceptor } = bound;
     let body = chunk();
     loop {
         let Ok((socket, _)) = listener.accept().await else {
