@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 WEBHOOK := target/debug/egress-webhook
 
-.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook private-checkout fuzz fuzz-webhook fuzz-proxy fuzz-blob fuzz-blob-head e2e manifests golden clean
+.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook bench-blob private-checkout fuzz fuzz-webhook fuzz-proxy fuzz-blob fuzz-blob-head e2e manifests golden clean
 
 all: build
 
@@ -70,13 +70,18 @@ manifests:
 golden:
 	UPDATE_GOLDEN=1 $(CARGO) test -p egress-webhook --test golden
 
-## bench: both benchmarks; JSON, Markdown tables and PNG curves land in target/bench/.
-## BENCH_QUICK=1: the CI-sized smoke (under a minute after the build).
-bench: bench-proxy bench-webhook
+## bench: every benchmark; JSON, Markdown tables and PNG curves land in target/bench/.
+## BENCH_QUICK=1: the CI-sized smoke (about a minute after the build).
+bench: bench-proxy bench-webhook bench-blob
 
 ## bench-proxy: egress-proxy beside direct, Envoy, Squid and tinyproxy, with scale curves.
 bench-proxy:
 	bash scripts/bench-proxy.sh
+
+## bench-blob: the blob gateway beside Envoy as a TLS-originating reverse proxy: upload and
+## download Gbit/s, CPU per GiB, small GET latency, against a local TLS storage upstream.
+bench-blob:
+	bash scripts/bench-blob.sh
 
 ## private-checkout: the benchmark smoke and the e2e's first steps from a copy of the work
 ## tree inside a 0700 folder, where peers that run as other users cannot enter the checkout.
