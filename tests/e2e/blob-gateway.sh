@@ -25,9 +25,14 @@ GW_RSS_LIMIT_KIB=$((16 * 1024)) # issue 13: memory stays flat however large the 
 
 # The gateway's serving certificate (from the run's test CA, which the pod trusts through
 # REQUESTS_CA_BUNDLE and SSL_CERT_FILE), its config and the clients' keys.
+GW_GO_BUILD="" # the Go client's build, started by gw_setup while barman-cloud runs
 gw_setup() {
   local d=$run/blob
   mkdir -p "$d"
+  # GOPATH mode over Debian's packaged sources: no module download (GOPROXY=off).
+  GO111MODULE=off GOFLAGS="" GOPROXY=off GOPATH=$run/gopath:/usr/share/gocode GOCACHE=$run/gocache \
+    CGO_ENABLED=0 go build -o "$run/goazblob" "$here/goazblob/main.go" 2>"$logs/go-build.log" &
+  GW_GO_BUILD=$!
   (
     cd "$d" || exit 1
     openssl req -newkey rsa:2048 -nodes -subj "/CN=$GW_HOST" -keyout gw.key -out gw.csr 2>/dev/null
@@ -176,10 +181,7 @@ gw_go() {
     velero velero-velero-plugin-for-microsoft-azure
   sed -i '/^AZURE_STORAGE_/d' "$run/env-gw-velero"
   echo "SSL_CERT_FILE=$run/ca.crt" >>"$run/env-gw-velero" # Go's way to the test CA
-  # GOPATH mode over Debian's packaged sources: no module download (GOPROXY=off).
-  GO111MODULE=off GOFLAGS="" GOPROXY=off GOPATH=$run/gopath:/usr/share/gocode GOCACHE=$run/gocache \
-    CGO_ENABLED=0 go build -o "$run/goazblob" "$here/goazblob/main.go" 2>"$logs/go-build.log" ||
-    die "building tests/e2e/goazblob failed: $(tail -n 5 "$logs/go-build.log")"
+  wait "$GW_GO_BUILD" || die "building tests/e2e/goazblob failed: $(tail -n 5 "$logs/go-build.log")"
   head -c 24M /dev/urandom >"$run/blob-go"
   chmod 644 "$run/blob-go"
   note "$(pod "$run/env-gw-velero" "$run/goazblob" "$(cat "$d/storage-account")" \
