@@ -97,10 +97,11 @@ YAML
 # a) barman-cloud through the gateway, as CNPG runs it with `connectionString` and the
 # printed destinationPath (barman's "emulated storage" form: /<account>/<container>).
 GW_C=pggw     # the container
+GW_DIGEST_SQL=$DIGEST_SQL # run.sh's row digest as defined, before step 7 extends it
 GW_BID1=""    # the backup barman-cloud-backup-delete removes in gw_batch
 GW_BID2=""    # the one that stays
 gw_barman() {
-  local dest base
+  local dest base DIGEST_SQL=$GW_DIGEST_SQL # a local: cycle's digest() sees it
   dest=$(cat "$run/blob/pg-prod/destination-path")
   [[ $dest == "$GW_URL/pg-prod/$GW_C/" ]] || die "client-config's destinationPath is $dest, not $GW_URL/pg-prod/$GW_C/"
   base=$BARMAN_BASE
