@@ -23,9 +23,10 @@ GW_PORT=10443                            # blob.tls.listen's port
 GW_URL=https://$GW_HOST:$GW_PORT
 GW_RSS_LIMIT_KIB=$((16 * 1024)) # issue 13: memory stays flat however large the upload
 
+GW_GO_BUILD="" # the Go client's build, started by gw_setup while barman-cloud runs
+
 # The gateway's serving certificate (from the run's test CA, which the pod trusts through
 # REQUESTS_CA_BUNDLE and SSL_CERT_FILE), its config and the clients' keys.
-GW_GO_BUILD="" # the Go client's build, started by gw_setup while barman-cloud runs
 gw_setup() {
   local d=$run/blob
   mkdir -p "$d"
