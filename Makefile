@@ -21,6 +21,8 @@ test: export CARGO_INCREMENTAL = 0
 ## kube-apiserver binary is found: `make test` is what CI runs.
 test: export REQUIRE_KUBE_APISERVER = 1
 test: export REQUIRE_PROMTOOL = 1
+## The blob gateway's Azurite tests fail instead of skipping without Azurite (test-deps installs it).
+test: export REQUIRE_AZURITE = 1
 test: test-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

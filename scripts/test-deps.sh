@@ -26,6 +26,13 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
+# Azurite (and the rest of the e2e's pinned tools, cached outside the checkout): the blob
+# gateway's keyless tests (proxy/tests/blob_keyless.rs) start it in OAuth mode. The e2e at
+# the end of `make test` needs the same install, so this only moves it earlier.
+if [[ $(id -u) -eq 0 ]]; then
+  bash "$(dirname "$0")/../tests/e2e/install.sh"
+fi
+
 # A full `make test` writes about GB_NEEDED GiB of build output under target/ (the debug
 # tests, the release benchmarks) and the e2e's packages take up to one more; say so up front
 # rather than let the linker die half-way (seen in CI: ld killed by SIGBUS on a full disk).

@@ -191,11 +191,79 @@ pub struct BlobUpstreamConfig {
     pub endpoint: String,
     /// The real account name the requests are signed for.
     pub account: String,
-    /// File holding the real account key (base64), re-read on every reload.
-    pub shared_key_file: PathBuf,
-    /// Extra PEM CA certificates trusted for this upstream, besides the public roots.
+    /// File holding the real account key (base64), re-read on every reload. This and the
+    /// next three are the upstream auth modes: exactly one is set.
+    #[serde(default)]
+    pub shared_key_file: Option<PathBuf>,
+    /// Azure Workload Identity: the proxy's own federated token exchanged for an Entra
+    /// token; no secret held anywhere. Each field defaults to the variable AKS injects.
+    #[serde(default)]
+    pub workload_identity: Option<WorkloadIdentityConfig>,
+    /// A managed identity from the instance metadata service (VMs; on AKS this is the
+    /// node's identity, shared by every pod that can reach IMDS).
+    #[serde(default)]
+    pub managed_identity: Option<ManagedIdentityConfig>,
+    /// File holding a container-scoped SAS (query string, with or without `?`),
+    /// re-read when it changes.
+    #[serde(default)]
+    pub sas_file: Option<PathBuf>,
+    /// Extra PEM CA certificates trusted for this upstream, besides the public roots (and
+    /// for its token endpoint: a test authority, or a private one).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+/// `workloadIdentity:`; absent fields come from the environment the AKS webhook injects.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadIdentityConfig {
+    /// The Entra application (client) ID; default `AZURE_CLIENT_ID`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The Entra tenant ID; default `AZURE_TENANT_ID`.
+    #[serde(default)]
+    pub tenant_id: Option<String>,
+    /// The projected service account token the kubelet rotates; default
+    /// `AZURE_FEDERATED_TOKEN_FILE`. Re-read for every exchange.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The Entra authority; default `AZURE_AUTHORITY_HOST`, else
+    /// `https://login.microsoftonline.com/`.
+    #[serde(default)]
+    pub authority_host: Option<String>,
+}
+
+/// `managedIdentity:`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ManagedIdentityConfig {
+    /// A user-assigned identity's client ID; absent: the system-assigned identity.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    /// The metadata service, `http://169.254.169.254` unless set. Only tests set it: a
+    /// stand-in on loopback is the only IMDS a test may talk to.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+}
+
+impl BlobUpstreamConfig {
+    /// The upstream auth modes that are set, as written in YAML (valid: exactly one).
+    pub fn auth_modes(&self) -> Vec<&'static str> {
+        let mut set = Vec::new();
+        if self.shared_key_file.is_some() {
+            set.push("sharedKeyFile");
+        }
+        if self.workload_identity.is_some() {
+            set.push("workloadIdentity");
+        }
+        if self.managed_identity.is_some() {
+            set.push("managedIdentity");
+        }
+        if self.sas_file.is_some() {
+            set.push("sasFile");
+        }
+        set
+    }
 }
 
 /// A virtual account name: what Azure allows for account names plus `-`, so names like
@@ -287,6 +355,28 @@ impl BlobConfig {
                 return Err(invalid(
                     at("upstream.endpoint"),
                     "must not have a query or end with a slash",
+                ));
+            }
+            match up.auth_modes().as_slice() {
+                [_] => {}
+                [] => {
+                    return Err(invalid(
+                        at("upstream"),
+                        "needs one of sharedKeyFile, workloadIdentity, managedIdentity, sasFile (`workloadIdentity: {}` takes every default)",
+                    ));
+                }
+                many => {
+                    return Err(invalid(
+                        at("upstream"),
+                        format!("{} are set: choose exactly one", many.join(" and ")),
+                    ));
+                }
+            }
+            let bearer = up.workload_identity.is_some() || up.managed_identity.is_some();
+            if bearer && uri.scheme_str() != Some("https") {
+                return Err(invalid(
+                    at("upstream.endpoint"),
+                    "workloadIdentity and managedIdentity need an https:// endpoint: a bearer token never goes over plain HTTP",
                 ));
             }
             if up.account.is_empty()
@@ -789,6 +879,49 @@ blob:
             "",
         );
         assert!(err(&no_listener).contains("`blob`: needs listen, tls or both"));
+        assert!(
+            e("        sharedKeyFile: /secrets/realacct/key\n", "")
+                .contains("`blob.accounts[0].upstream`: needs one of sharedKeyFile")
+        );
+        assert!(
+            e(
+                "        sharedKeyFile: /secrets/realacct/key\n",
+                "        sharedKeyFile: /k\n        sasFile: /s\n"
+            )
+            .contains("`blob.accounts[0].upstream`: sharedKeyFile and sasFile are set")
+        );
+        assert!(
+            e(
+                "        sharedKeyFile: /secrets/realacct/key\n",
+                "        workloadIdentity: {clientId: c, tenantIdd: t}\n"
+            )
+            .contains("tenantIdd")
+        );
+        let plain_bearer = BLOB
+            .replace("https://realacct.blob", "http://realacct.blob")
+            .replace(
+                "sharedKeyFile: /secrets/realacct/key",
+                "managedIdentity: {}",
+            );
+        assert!(
+            err(&plain_bearer).contains("`blob.accounts[0].upstream.endpoint`: workloadIdentity and managedIdentity need an https:// endpoint")
+        );
+        for mode in [
+            "workloadIdentity: {}",
+            "managedIdentity: {clientId: abc}",
+            "sasFile: /s",
+        ] {
+            let c = Config::parse(
+                &BLOB.replace("sharedKeyFile: /secrets/realacct/key", mode),
+                "t",
+            )
+            .unwrap();
+            assert_eq!(
+                c.blob.unwrap().accounts[0].upstream.auth_modes().len(),
+                1,
+                "{mode}"
+            );
+        }
         let e = Config::parse(
             &BLOB.replace("pg-prod\n", "pg-prod\n      clientKeyFile: /x\n"),
             "t",

@@ -294,7 +294,7 @@ fn fingerprint(args: &Args, running: &Config) -> Vec<Vec<u8>> {
         }
         for a in &b.accounts {
             paths.push(&a.client_key_file);
-            paths.push(&a.upstream.shared_key_file);
+            paths.extend(a.upstream.shared_key_file.as_deref());
             paths.extend(a.upstream.ca_file.as_deref());
         }
     }

@@ -100,6 +100,8 @@ pub struct Metrics {
     pub blob_bytes_up: Counter,
     /// Blob gateway response-body bytes returned to clients.
     pub blob_bytes_down: Counter,
+    /// The blob gateway's upstream tokens: `token_refresh_total`, `token_expiry_seconds`.
+    pub tokens: crate::blob::token::TokenMetrics,
     /// Workload identity (issue 14): its own block, registered under `identity_`.
     pub identity: crate::identity::metrics::IdentityMetrics,
     /// When the configuration in force was loaded (start or last good reload), Unix seconds.
@@ -179,6 +181,7 @@ impl Metrics {
         let blob_bytes_down = blob_bytes
             .get_or_create(&DirectionLabel { direction: "down" })
             .clone();
+        let tokens = crate::blob::token::TokenMetrics::register(&mut registry);
         // Workload identity: registered whether or not it is configured, so dashboards see
         // `identity_synced 0` rather than no series.
         let identity = crate::identity::metrics::IdentityMetrics::register(&mut registry);
@@ -208,6 +211,7 @@ impl Metrics {
         );
         Self {
             registry,
+            tokens,
             identity,
             config_last_reload_success,
             max_tunnels,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
 use crate::blob::accounts::{Accounts, LoadError};
+use crate::blob::token::TokenCache;
 use crate::blob::upstream::ClientSettings;
 use crate::config::Config;
 use crate::identity::Identities;
@@ -131,12 +132,15 @@ pub struct Shared {
     pub identity: Option<Identities>,
     /// Open connections and connection rate per client address.
     pub per_source: Arc<PerSource>,
+    /// The blob gateway's upstream tokens; here, not in [`Live`], so a reload keeps them.
+    pub tokens: TokenCache,
 }
 
 impl Shared {
     /// Fresh state: ready, not draining, `max_tunnels` tunnel permits.
     pub fn new(live: Live, max_tunnels: usize) -> Self {
         let metrics = Metrics::new();
+        let tokens = TokenCache::new(metrics.tokens.clone());
         metrics
             .max_tunnels
             .set(i64::try_from(max_tunnels).unwrap_or(i64::MAX));
@@ -149,6 +153,7 @@ impl Shared {
             force: watch::Sender::new(false),
             identity: None,
             per_source: Arc::new(PerSource::new(Default::default())),
+            tokens,
         }
     }
 

@@ -16,6 +16,7 @@ use egress_proxy::blob::rewrite::Upstream;
 use egress_proxy::blob::shared_key::{
     AccountKey, AuthError, HeaderOrder, credential, sign, signature, string_to_sign, verify,
 };
+use egress_proxy::blob::upstream_auth::Credential;
 use http::request::Parts;
 use proptest::prelude::*;
 use serde_json::Value;
@@ -282,12 +283,8 @@ fn gateway_step_reproduces_accepted_requests() {
         {
             continue;
         }
-        let upstream = Upstream::new(
-            "http://127.0.0.1:47613/devstoreaccount1",
-            &f.account,
-            f.key.clone(),
-        )
-        .unwrap();
+        let upstream =
+            Upstream::new("http://127.0.0.1:47613/devstoreaccount1", &f.account).unwrap();
         let target = f
             .str("target")
             .replacen("/devstoreaccount1/", "/pg-prod/", 1);
@@ -316,7 +313,13 @@ fn gateway_step_reproduces_accepted_requests() {
         let request = classify(&parts, "pg-prod").unwrap();
         scope.authorize(&request).unwrap();
         let mut upstream_parts = parts.clone();
-        upstream.rewrite(&mut upstream_parts, "pg-prod").unwrap();
+        upstream
+            .rewrite(
+                &mut upstream_parts,
+                "pg-prod",
+                &Credential::SharedKey(f.key.clone()),
+            )
+            .unwrap();
 
         assert_eq!(
             upstream_parts.headers[http::header::AUTHORIZATION],
@@ -405,7 +408,6 @@ fn batch_parts_as_the_sdk_signed_them() {
     let upstream = Upstream::new(
         "http://127.0.0.1:47613/devstoreaccount1",
         "devstoreaccount1",
-        f.key.clone(),
     )
     .unwrap();
     let scope = delete_scope(vec![Permission::Delete]);
@@ -414,6 +416,7 @@ fn batch_parts_as_the_sdk_signed_them() {
         client_key: &f.key,
         scope: &scope,
         upstream: &upstream,
+        credential: &Credential::SharedKey(f.key.clone()),
         now: f.now,
     };
     let out = rewrite_body(f.body(), &f.content_type, &check).unwrap();
@@ -441,7 +444,6 @@ fn batch_through_the_gateway() {
     let upstream = Upstream::new(
         "http://127.0.0.1:47613/devstoreaccount1",
         "devstoreaccount1",
-        f.key.clone(),
     )
     .unwrap();
     let scope = delete_scope(vec![Permission::Read, Permission::List, Permission::Delete]);
@@ -450,6 +452,7 @@ fn batch_through_the_gateway() {
         client_key: &client_key,
         scope: &scope,
         upstream: &upstream,
+        credential: &Credential::SharedKey(f.key.clone()),
         now: f.now,
     };
     let out = rewrite_body(&client_body, &f.content_type, &check).unwrap();

@@ -7,11 +7,15 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use super::imds::Imds;
 use super::operation::Scope;
 use super::rewrite::Upstream;
+use super::sas_file::SasFile;
 use super::shared_key::AccountKey;
 use super::upstream::{Client, ClientSettings};
-use crate::config::BlobConfig;
+use super::upstream_auth::UpstreamAuth;
+use super::workload_identity::WorkloadIdentity;
+use crate::config::{BlobConfig, BlobUpstreamConfig};
 
 /// Why the `blob:` section could not be put into service; names the field.
 #[derive(Debug, thiserror::Error)]
@@ -30,8 +34,10 @@ pub struct Account {
     pub client_key: AccountKey,
     /// Its containers and permissions.
     pub scope: Scope,
-    /// The real account, with the real key.
+    /// The real account.
     pub upstream: Upstream,
+    /// How requests to it are authenticated.
+    pub auth: UpstreamAuth,
     /// Pooled connections to the real account, dialled through the policy.
     pub client: Client,
 }
@@ -50,14 +56,13 @@ impl Accounts {
         for (i, a) in config.accounts.iter().enumerate() {
             let field = |f: &str| format!("blob.accounts[{i}].{f}");
             let client_key = read_key(&a.client_key_file, &field("clientKeyFile"))?;
-            let real_key = read_key(
-                &a.upstream.shared_key_file,
-                &field("upstream.sharedKeyFile"),
-            )?;
-            let upstream = Upstream::new(&a.upstream.endpoint, &a.upstream.account, real_key)
-                .map_err(|e| LoadError {
-                    field: field("upstream.endpoint"),
-                    message: e.to_string(),
+            let auth = upstream_auth(&a.upstream, client, &|f| field(&format!("upstream.{f}")))?;
+            let upstream =
+                Upstream::new(&a.upstream.endpoint, &a.upstream.account).map_err(|e| {
+                    LoadError {
+                        field: field("upstream.endpoint"),
+                        message: e.to_string(),
+                    }
                 })?;
             let client = Client::new(client, &upstream, a.upstream.ca_file.as_deref()).map_err(
                 |message| LoadError {
@@ -73,6 +78,7 @@ impl Accounts {
                 client_key,
                 scope,
                 upstream,
+                auth,
                 client,
             };
             by_name.insert(a.name.clone(), Arc::new(account));
@@ -84,6 +90,51 @@ impl Accounts {
     pub fn get(&self, name: &str) -> Option<Arc<Account>> {
         self.by_name.get(name).cloned()
     }
+}
+
+/// Builds the upstream auth mode (validation has made sure exactly one is set): reads the
+/// key or SAS file, or resolves the identity against the environment.
+fn upstream_auth(
+    up: &BlobUpstreamConfig,
+    client: &ClientSettings,
+    field: &dyn Fn(&str) -> String,
+) -> Result<UpstreamAuth, LoadError> {
+    use super::token::TokenSource;
+    if let Some(path) = &up.shared_key_file {
+        return read_key(path, &field("sharedKeyFile")).map(UpstreamAuth::SharedKey);
+    }
+    if let Some(path) = &up.sas_file {
+        return SasFile::open(path)
+            .map(UpstreamAuth::Sas)
+            .map_err(|e| LoadError {
+                field: field("sasFile"),
+                message: e.to_string(),
+            });
+    }
+    if let Some(wi) = &up.workload_identity {
+        let env = |var: &str| std::env::var(var).ok();
+        let source = WorkloadIdentity::new(wi, env, up.ca_file.as_deref(), client.connect_timeout)
+            .map_err(|e| LoadError {
+                field: field(&format!("workloadIdentity.{}", e.field)),
+                message: e.message,
+            })?;
+        return Ok(UpstreamAuth::Bearer(Arc::new(
+            TokenSource::WorkloadIdentity(source),
+        )));
+    }
+    if let Some(mi) = &up.managed_identity {
+        let source = Imds::new(mi, client.connect_timeout).map_err(|(f, message)| LoadError {
+            field: field(&format!("managedIdentity.{f}")),
+            message,
+        })?;
+        return Ok(UpstreamAuth::Bearer(Arc::new(
+            TokenSource::ManagedIdentity(source),
+        )));
+    }
+    Err(LoadError {
+        field: field("sharedKeyFile"),
+        message: "no upstream auth mode is set".into(),
+    })
 }
 
 /// Reads a base64 key file (surrounding whitespace ignored, as `kubectl create secret`

@@ -14,6 +14,7 @@ use http::request::Parts;
 use super::operation::{Operation, Refusal, Scope, classify};
 use super::rewrite::{RewriteError, Upstream};
 use super::shared_key::{AccountKey, AuthError, verify};
+use super::upstream_auth::Credential;
 
 /// Largest batch body read. Azure allows 256 sub-requests; one the SDK sends is about 450
 /// bytes, and a blob name of the maximum 1,024 characters, percent-encoded, about 3 KiB, so
@@ -206,6 +207,8 @@ pub struct PartCheck<'a> {
     pub scope: &'a Scope,
     /// The real account the parts are rewritten for.
     pub upstream: &'a Upstream,
+    /// What the parts carry upstream (the outer request's credential).
+    pub credential: &'a Credential,
     /// The clock for the parts' date check.
     pub now: SystemTime,
 }
@@ -236,7 +239,7 @@ pub fn rewrite_body(
             .map_err(|source| BatchError::Refused { index, source })?;
         check
             .upstream
-            .rewrite_part(r, check.virtual_account)
+            .rewrite_part(r, check.virtual_account, check.credential)
             .map_err(|e| match e {
                 RewriteError::Sign(source) => BatchError::Auth { index, source },
                 RewriteError::NotThisAccount => BatchError::Malformed("a part's path"),

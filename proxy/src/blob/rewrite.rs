@@ -1,14 +1,16 @@
 //! Turning a verified client request into the request the real account receives: the path
 //! loses the virtual account and gains the upstream's (for path-style endpoints), the Host
 //! becomes the upstream's, the client's `Authorization` and any SAS parameters are dropped,
-//! and the request is signed with the real key. Headers and body are otherwise untouched,
-//! so the body can stream through.
+//! and the request carries the account's own credential ([`Credential`]: signed with the
+//! real key, a bearer token, or the upstream SAS). Headers and body are otherwise
+//! untouched, so the body can stream through.
 
 use http::header::{AUTHORIZATION, HOST, HeaderValue};
 use http::request::Parts;
 use http::uri::{Authority, PathAndQuery, Scheme, Uri};
 
-use super::shared_key::{AccountKey, AuthError, sign};
+use super::shared_key::AuthError;
+use super::upstream_auth::Credential;
 
 /// Query parameters that make up a SAS token (account, service and user delegation SAS,
 /// and the response-header overrides a SAS may carry). A client's SAS is for the gateway,
@@ -19,7 +21,7 @@ const SAS_PARAMETERS: &[&str] = &[
     "rsce", "rscl", "rsct",
 ];
 
-/// The real account behind a virtual one: where it is and the key that signs for it.
+/// The real account behind a virtual one: where it is and what it is called.
 #[derive(Debug, Clone)]
 pub struct Upstream {
     /// `https` (Azure) or `http` (a local emulator).
@@ -31,8 +33,6 @@ pub struct Upstream {
     base_path: String,
     /// The real account name, which the signature names.
     account: String,
-    /// The real account's key.
-    key: AccountKey,
 }
 
 /// Why an upstream endpoint cannot be used.
@@ -48,8 +48,8 @@ pub enum EndpointError {
 
 impl Upstream {
     /// An upstream at `endpoint` (`https://realacct.blob.core.windows.net`, or a path-style
-    /// `http://127.0.0.1:10000/realacct`) for `account`, signed with `key`.
-    pub fn new(endpoint: &str, account: &str, key: AccountKey) -> Result<Self, EndpointError> {
+    /// `http://127.0.0.1:10000/realacct`) for `account`.
+    pub fn new(endpoint: &str, account: &str) -> Result<Self, EndpointError> {
         let bad = || EndpointError::NotAnEndpoint(endpoint.to_owned());
         let uri: Uri = endpoint.parse().map_err(|_| bad())?;
         let scheme = uri.scheme().cloned().ok_or_else(bad)?;
@@ -69,7 +69,6 @@ impl Upstream {
             authority,
             base_path: path.trim_end_matches('/').to_owned(),
             account: account.to_owned(),
-            key,
         })
     }
 
@@ -109,11 +108,18 @@ impl Upstream {
         Some(out)
     }
 
-    /// Rewrites a verified client request for this upstream and signs it with the real key.
-    pub fn rewrite(&self, parts: &mut Parts, virtual_account: &str) -> Result<(), RewriteError> {
+    /// Rewrites a verified client request for this upstream and authenticates it with
+    /// `credential`.
+    pub fn rewrite(
+        &self,
+        parts: &mut Parts,
+        virtual_account: &str,
+        credential: &Credential,
+    ) -> Result<(), RewriteError> {
         let target = self
             .target(parts.uri.path(), parts.uri.query(), virtual_account)
             .ok_or(RewriteError::NotThisAccount)?;
+        let target = credential.with_sas(target);
         let path_and_query =
             PathAndQuery::try_from(target).map_err(|_| RewriteError::NotThisAccount)?;
         parts.uri = Uri::builder()
@@ -126,7 +132,7 @@ impl Upstream {
             .map_err(|_| RewriteError::NotThisAccount)?;
         parts.headers.insert(HOST, host);
         parts.headers.remove(AUTHORIZATION);
-        sign(parts, &self.account, &self.key)?;
+        credential.authenticate(parts, &self.account, true)?;
         Ok(())
     }
 }
@@ -138,13 +144,15 @@ impl Upstream {
         &self,
         parts: &mut Parts,
         virtual_account: &str,
+        credential: &Credential,
     ) -> Result<(), RewriteError> {
         let target = self
             .target(parts.uri.path(), parts.uri.query(), virtual_account)
             .ok_or(RewriteError::NotThisAccount)?;
+        let target = credential.with_sas(target);
         parts.uri = Uri::try_from(target).map_err(|_| RewriteError::NotThisAccount)?;
         parts.headers.remove(AUTHORIZATION);
-        sign(parts, &self.account, &self.key)?;
+        credential.authenticate(parts, &self.account, false)?;
         Ok(())
     }
 }
@@ -173,10 +181,12 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
 
+    use crate::blob::shared_key::AccountKey;
+
     const KEY: &str = "c3RvcmFnZWFjY291bnRrZXk=";
 
     fn upstream(endpoint: &str) -> Upstream {
-        Upstream::new(endpoint, "realacct", AccountKey::from_base64(KEY).unwrap()).unwrap()
+        Upstream::new(endpoint, "realacct").unwrap()
     }
 
     #[test]
@@ -204,7 +214,7 @@ mod tests {
         ] {
             assert!(
                 matches!(
-                    Upstream::new(bad, "a", AccountKey::from_base64(KEY).unwrap()),
+                    Upstream::new(bad, "a"),
                     Err(EndpointError::NotAnEndpoint(_))
                 ),
                 "{bad}"
@@ -215,10 +225,7 @@ mod tests {
             "https://a.blob.core.windows.net?sv=1",
         ] {
             assert!(
-                matches!(
-                    Upstream::new(bad, "a", AccountKey::from_base64(KEY).unwrap()),
-                    Err(EndpointError::Trailing(_))
-                ),
+                matches!(Upstream::new(bad, "a"), Err(EndpointError::Trailing(_))),
                 "{bad}"
             );
         }
@@ -248,7 +255,7 @@ mod tests {
     #[test]
     fn rewrite_replaces_host_and_authorization() {
         let u = upstream("https://realacct.blob.core.windows.net");
-        let (mut parts, ()) = http::Request::builder()
+        let (parts, ()) = http::Request::builder()
             .method("PUT")
             .uri("/pg-prod/pgbackups/wal?sig=x")
             .header("host", "egress-gate-blob.egress-gate.svc:10000")
@@ -257,7 +264,28 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        u.rewrite(&mut parts, "pg-prod").unwrap();
+        let key = Credential::SharedKey(AccountKey::from_base64(KEY).unwrap());
+        u.rewrite(&mut parts.clone(), "pg-prod", &key).unwrap();
+        let mut signed = parts.clone();
+        u.rewrite(&mut signed, "pg-prod", &key).unwrap();
+        let mut bearer = parts.clone();
+        u.rewrite(&mut bearer, "pg-prod", &Credential::Bearer("t0k".into()))
+            .unwrap();
+        assert_eq!(bearer.headers["authorization"], "Bearer t0k");
+        assert_eq!(bearer.headers["x-ms-version"], "2017-11-09");
+        let mut sas = parts.clone();
+        u.rewrite(
+            &mut sas,
+            "pg-prod",
+            &Credential::Sas("sv=2022-11-02&sig=up".into()),
+        )
+        .unwrap();
+        assert!(!sas.headers.contains_key("authorization"));
+        assert_eq!(
+            sas.uri.to_string(),
+            "https://realacct.blob.core.windows.net/pgbackups/wal?sv=2022-11-02&sig=up"
+        );
+        let parts = signed;
         assert_eq!(
             parts.uri.to_string(),
             "https://realacct.blob.core.windows.net/pgbackups/wal"

@@ -10,16 +10,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, TRANSFER_ENCODING};
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Either, Full, Limited};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::accounts::Account;
-use super::batch::{self, BatchError, MAX_BATCH_BODY, PartCheck};
+use super::attempt::{self, Attempt, token_refusal};
 use super::metered::Metered;
 use super::operation::{Operation, classify};
 use super::shared_key::{self, verify};
@@ -99,19 +99,19 @@ struct Entry {
 }
 
 /// A refusal or failure: status, `x-ms-error-code`, short reason, sentence.
-struct Refuse {
+pub(super) struct Refuse {
     /// HTTP status.
-    status: StatusCode,
+    pub(super) status: StatusCode,
     /// `x-ms-error-code` and `<Code>`.
-    code: &'static str,
+    pub(super) code: &'static str,
     /// Stable reason for the log and metrics.
-    reason: &'static str,
+    pub(super) reason: &'static str,
     /// `<Message>`.
-    message: String,
+    pub(super) message: String,
 }
 
 impl Refuse {
-    fn forbidden(code: &'static str, reason: &'static str, message: String) -> Self {
+    pub(super) fn forbidden(code: &'static str, reason: &'static str, message: String) -> Self {
         Self {
             status: StatusCode::FORBIDDEN,
             code,
@@ -197,94 +197,27 @@ async fn forward(
         .scope
         .authorize(&classified)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
-    let body: super::upstream::UpBody = if classified.operation == Operation::BlobBatch {
-        let new_body = batch_body(&parts, body, &name, &account, now).await?;
-        parts.headers.remove(TRANSFER_ENCODING);
-        parts
-            .headers
-            .insert(CONTENT_LENGTH, HeaderValue::from(new_body.len()));
-        up.fetch_add(new_body.len() as u64, Ordering::Relaxed);
-        Either::Right(Full::new(Bytes::from(new_body)))
-    } else {
-        Either::Left(Metered::new(body, up.clone()))
-    };
+    let is_batch = classified.operation == Operation::BlobBatch;
     for header in HOP_BY_HOP {
         parts.headers.remove(header);
     }
-    account
-        .upstream
-        .rewrite(&mut parts, &name)
-        .map_err(|e| Refuse::forbidden(shared_key::ERROR_CODE, "rewrite-failed", e.to_string()))?;
-    let response = account
-        .client
-        .send(Request::from_parts(parts, body))
+    let credential = account
+        .auth
+        .credential(&shared.tokens)
         .await
-        .map_err(|e| {
-            let source = std::error::Error::source(&e).map(ToString::to_string);
-            tracing::warn!(account = %name, error = %e, source = ?source, "blob upstream request failed");
-            Refuse {
-                status: StatusCode::BAD_GATEWAY,
-                code: "UpstreamUnavailable",
-                reason: "upstream-failed",
-                message: format!(
-                    "the gateway could not reach the storage account: {}",
-                    source.unwrap_or_else(|| e.to_string())
-                ),
-            }
-        })?;
-    entry.upstream_status = Some(response.status().as_u16());
-    Ok(response.map(Either::Left))
-}
-
-/// Reads a batch body (bounded), checks, rewrites and re-signs every part.
-async fn batch_body(
-    parts: &http::request::Parts,
-    body: Incoming,
-    name: &str,
-    account: &Account,
-    now: SystemTime,
-) -> Result<Vec<u8>, Refuse> {
-    let refuse = |e: BatchError| {
-        let (status, code) = match &e {
-            BatchError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestBodyTooLarge"),
-            BatchError::Auth { source, .. } => (StatusCode::FORBIDDEN, source.error_code()),
-            BatchError::Refused { source, .. } => (StatusCode::FORBIDDEN, source.error_code()),
-            BatchError::NotBatchable { .. } => {
-                (StatusCode::FORBIDDEN, "AuthorizationPermissionMismatch")
-            }
-            _ => (StatusCode::BAD_REQUEST, "InvalidInput"),
-        };
-        Refuse {
-            status,
-            code,
-            reason: e.reason(),
-            message: e.to_string(),
-        }
-    };
-    let content_type = parts
-        .headers
-        .get(CONTENT_TYPE)
-        .ok_or_else(|| refuse(BatchError::NoBoundary))?
-        .clone();
-    let bytes = Limited::new(body, MAX_BATCH_BODY)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
-                refuse(BatchError::TooLarge)
-            } else {
-                refuse(BatchError::Malformed("the body could not be read"))
-            }
-        })?
-        .to_bytes();
-    let check = PartCheck {
-        virtual_account: name,
-        client_key: &account.client_key,
-        scope: &account.scope,
-        upstream: &account.upstream,
+        .map_err(token_refusal)?;
+    let (replay, stream) = attempt::split_body(&parts, body, is_batch, &credential).await?;
+    let attempt = Attempt {
+        template: &parts,
+        name: &name,
+        account: &account,
+        replay: replay.as_ref(),
+        up,
         now,
     };
-    batch::rewrite_body(&bytes, &content_type, &check).map_err(refuse)
+    let response = attempt.run(&credential, stream, &shared.tokens).await?;
+    entry.upstream_status = Some(response.status().as_u16());
+    Ok(response.map(Either::Left))
 }
 
 /// An Azure-style error: status, `x-ms-error-code`, and the XML `<Error>` document.
