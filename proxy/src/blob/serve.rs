@@ -22,6 +22,7 @@ use super::accounts::Account;
 use super::batch::{self, BatchError, MAX_BATCH_BODY, PartCheck};
 use super::metered::Metered;
 use super::operation::{Operation, classify};
+use super::sas::{self, Grant, SasError, Transport};
 use super::shared_key::{self, verify};
 use crate::metrics::BlobLabels;
 use crate::state::Shared;
@@ -42,9 +43,9 @@ const HOP_BY_HOP: [&str; 7] = [
 /// The response body: the upstream's, streamed, or the gateway's own error document.
 type DownBody = Metered<Either<Incoming, Full<Bytes>>>;
 
-/// Serves one client connection (plain or TLS) until it closes, the drain ends it between
-/// requests, or the drain deadline cuts it.
-pub async fn connection<I>(io: I, peer: SocketAddr, shared: Arc<Shared>)
+/// Serves one client connection (plain or TLS, as `transport` says) until it closes, the
+/// drain ends it between requests, or the drain deadline cuts it.
+pub async fn connection<I>(io: I, peer: SocketAddr, transport: Transport, shared: Arc<Shared>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -52,7 +53,7 @@ where
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(request(req, peer, &shared).await) }
+        async move { Ok::<_, Infallible>(request(req, peer, transport, &shared).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -125,6 +126,7 @@ impl Refuse {
 async fn request(
     req: Request<Incoming>,
     peer: SocketAddr,
+    transport: Transport,
     shared: &Arc<Shared>,
 ) -> Response<DownBody> {
     let mut entry = Entry {
@@ -138,7 +140,7 @@ async fn request(
         start: Instant::now(),
     };
     let up = Arc::new(AtomicU64::new(0));
-    let result = forward(req, shared, &mut entry, &up).await;
+    let result = forward(req, transport, shared, &mut entry, &up).await;
     let response = match result {
         Ok(r) => r,
         Err(refuse) => {
@@ -158,6 +160,7 @@ async fn request(
 /// Authenticate, authorize, rewrite, send. Refusals return before anything is sent.
 async fn forward(
     req: Request<Incoming>,
+    transport: Transport,
     shared: &Shared,
     entry: &mut Entry,
     up: &Arc<AtomicU64>,
@@ -187,8 +190,7 @@ async fn forward(
     })?;
     entry.account = name.clone();
     let now = SystemTime::now();
-    verify(&parts, &name, &account.client_key, now)
-        .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))?;
+    let sas = authenticate(&parts, &name, &account, transport, entry.client, now)?;
     let classified = classify(&parts, &name)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
     entry.operation = classified.operation.name();
@@ -197,6 +199,9 @@ async fn forward(
         .scope
         .authorize(&classified)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
+    if let Some(grant) = &sas {
+        grant.permits(&classified).map_err(sas_refusal)?;
+    }
     let body: super::upstream::UpBody = if classified.operation == Operation::BlobBatch {
         let new_body = batch_body(&parts, body, &name, &account, now).await?;
         parts.headers.remove(TRANSFER_ENCODING);
@@ -210,6 +215,9 @@ async fn forward(
     };
     for header in HOP_BY_HOP {
         parts.headers.remove(header);
+    }
+    if let Some(grant) = &sas {
+        grant.prepare_upstream(&mut parts, now);
     }
     account
         .upstream
@@ -234,6 +242,36 @@ async fn forward(
         })?;
     entry.upstream_status = Some(response.status().as_u16());
     Ok(response.map(Either::Left))
+}
+
+/// Shared Key when the request has an `Authorization` header; otherwise a service SAS
+/// when its query has `sig` (`Some` with what the SAS grants); anything else is refused as
+/// Shared Key refuses an anonymous request.
+fn authenticate(
+    parts: &http::request::Parts,
+    name: &str,
+    account: &Account,
+    transport: Transport,
+    client: SocketAddr,
+    now: SystemTime,
+) -> Result<Option<Grant>, Refuse> {
+    if sas::carries_sas(parts) {
+        let context = sas::Context {
+            now,
+            transport,
+            client: client.ip(),
+        };
+        return sas::verify(parts, name, &account.client_key, &context)
+            .map(Some)
+            .map_err(sas_refusal);
+    }
+    verify(parts, name, &account.client_key, now)
+        .map(|()| None)
+        .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))
+}
+
+fn sas_refusal(e: SasError) -> Refuse {
+    Refuse::forbidden(e.error_code(), e.reason(), e.to_string())
 }
 
 /// Reads a batch body (bounded), checks, rewrites and re-signs every part.
