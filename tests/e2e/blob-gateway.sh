@@ -31,6 +31,7 @@ cd "$run"
 free_port() { "$venv/bin/python" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 az_port=$(free_port)
 gw_port=$(free_port)
+gw_plain_port=$(free_port)
 admin_port=$(free_port)
 
 # One test CA; a certificate for 127.0.0.1 (Azurite) and localhost (the gateway).
@@ -59,6 +60,7 @@ allow:
   - cidrs: [127.0.0.1/32]
     ports: [$az_port]
 blob:
+  listen: 127.0.0.1:$gw_plain_port
   tls: {listen: 127.0.0.1:$gw_port, certFile: $run/tls.crt, keyFile: $run/tls.key}
   accounts:
     - name: pg-prod
@@ -96,6 +98,9 @@ grep -q "successfully listens" azurite.log || { echo "blob-gateway: Azurite did 
 
 gw_args=("https://localhost:$gw_port" "$client_key" "$real_key" "$ro_key" "$run/ca.crt")
 "$venv/bin/python" "$here/blob_gateway.py" "${gw_args[@]}"
+# Service SAS signed with the client key (Velero's download URLs), on both listeners.
+"$venv/bin/python" "$here/blob_sas.py" "https://localhost:$gw_port" "http://127.0.0.1:$gw_plain_port" \
+  "$client_key" "$real_key" "$run/ca.crt"
 
 # Memory stays flat however large the upload: one Put Blob of BIG_MIB MiB (one request,
 # one body, as barman sends WAL segments) while the proxy's RSS is sampled every 50 ms.
@@ -115,12 +120,17 @@ echo "blob-gateway: ${big_mib} MiB Put Blob: proxy RSS ${rss_before} KiB before,
 
 # Nothing of any refused request reached Azurite: no marker in its debug log.
 grep -q "pgbackups" azurite-debug.log || { echo "blob-gateway: Azurite's debug log shows no traffic at all" >&2; exit 1; }
-for marker in neg-wrongkey neg-realkey neg-unknown negother neg-copy neg-stale neg-anon neg-bearer comp=acl x-ms-copy-source nobody pg-ro 'keep/me?'; do
+for marker in neg-sas- neg-wrongkey neg-realkey neg-unknown negother neg-copy neg-stale neg-anon neg-bearer comp=acl x-ms-copy-source nobody pg-ro 'keep/me?'; do
   if grep -qF -- "$marker" azurite-debug.log; then
     echo "blob-gateway: a refused request reached Azurite ($marker)" >&2
     exit 1
   fi
 done
+# Accepted SAS requests went upstream without their SAS: the gateway re-signs them.
+if grep -qE '[?&]sig=' azurite-debug.log; then
+  echo "blob-gateway: a client's SAS reached Azurite" >&2
+  exit 1
+fi
 # The refused delete of keep/me by pg-ro: Azurite saw no DELETE of it.
 if grep -E "DELETE .*keep/me|keep%2Fme.*DELETE" azurite-debug.log >/dev/null; then
   echo "blob-gateway: the refused delete reached Azurite" >&2
