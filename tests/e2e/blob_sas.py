@@ -102,6 +102,22 @@ listing = ContainerClient.from_container_url(f"{tls_url}/{ACCOUNT}/{CONTAINER}?{
 names = [b.name for b in listing.list_blobs(name_starts_with="sas/")]
 assert names == ["sas/backup-logs.gz"], names
 results["container_sas_list"] = names
+# The connection-string form docs/blob-gateway.md shows: BlobEndpoint plus a container SAS.
+rw_sas = generate_container_sas(
+    ACCOUNT,
+    CONTAINER,
+    account_key=client_key,
+    permission=ContainerSasPermissions(read=True, write=True, list=True),
+    expiry=now + timedelta(minutes=30),
+    protocol="https",
+)
+sas_conn = f"BlobEndpoint={tls_url}/{ACCOUNT};SharedAccessSignature={rw_sas}"
+via_conn = ContainerClient.from_connection_string(sas_conn, CONTAINER)
+via_conn.upload_blob("sas/from-connection-string", b"conn", overwrite=True)
+assert via_conn.download_blob("sas/from-connection-string").readall() == b"conn"
+names = [b.name for b in via_conn.list_blobs(name_starts_with="sas/from-")]
+assert names == ["sas/from-connection-string"], names
+results["connection_string_with_sas"] = "ok"
 upload = velero_url("sas/uploaded", permission=BlobSasPermissions(write=True))
 BlobClient.from_blob_url(upload).upload_blob(b"written with a SAS", overwrite=True)
 status, _, body = get(velero_url("sas/uploaded"))
