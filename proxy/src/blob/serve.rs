@@ -270,6 +270,7 @@ fn authenticate(
         .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))
 }
 
+/// A SAS refusal as the Azure-style 403 it is answered with.
 fn sas_refusal(e: SasError) -> Refuse {
     Refuse::forbidden(e.error_code(), e.reason(), e.to_string())
 }
