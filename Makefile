@@ -3,7 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 WEBHOOK := target/debug/egress-webhook
 
-.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook bench-blob private-checkout fuzz fuzz-webhook fuzz-proxy fuzz-blob fuzz-blob-head e2e manifests golden clean
+.PHONY: all build demo test test-deps lint fmt bench bench-proxy bench-webhook bench-blob private-checkout fuzz fuzz-webhook fuzz-proxy fuzz-blob fuzz-blob-head fuzz-blob-sas e2e manifests golden clean
 
 all: build
 
@@ -39,7 +39,7 @@ test-deps:
 
 ## fuzz: every fuzzer, one after the other (FUZZ_SECONDS each, default 600). Needs cargo-fuzz;
 ## RUSTC_BOOTSTRAP=1 lets the stable toolchain take the sanitizer flags.
-fuzz: fuzz-webhook fuzz-proxy fuzz-blob fuzz-blob-head
+fuzz: fuzz-webhook fuzz-proxy fuzz-blob fuzz-blob-head fuzz-blob-sas
 
 ## fuzz-webhook: the admission review handler on arbitrary bodies.
 fuzz-webhook:
@@ -57,6 +57,10 @@ fuzz-blob:
 ## classify, authorize, rewrite and re-sign).
 fuzz-blob-head:
 	cd proxy && RUSTC_BOOTSTRAP=1 cargo fuzz run blob_head -- -max_total_time=$${FUZZ_SECONDS:-600}
+
+## fuzz-blob-sas: the blob gateway's service SAS parser and checks on arbitrary request targets.
+fuzz-blob-sas:
+	cd proxy && RUSTC_BOOTSTRAP=1 cargo fuzz run blob_sas -- -max_total_time=$${FUZZ_SECONDS:-600}
 
 ## e2e: PostgreSQL backs up to Azurite through egress-proxy in network namespaces (root).
 e2e:

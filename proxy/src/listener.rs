@@ -317,7 +317,9 @@ async fn accept_loop(
                     Box::pin(tls_serve(acceptor, socket, peer, permit, &live, shared)).await;
                 }
                 (Kind::Tls, None) => {}
-                (Kind::Blob, _) => blob::serve::connection(socket, peer, shared).await,
+                (Kind::Blob, _) => {
+                    blob::serve::connection(socket, peer, blob::sas::Transport::Plain, shared).await
+                }
                 (Kind::BlobTls, _) => {
                     if let Some(config) = live.blob_tls.clone() {
                         let acceptor = TlsAcceptor::from(config);
@@ -391,7 +393,9 @@ async fn blob_tls_serve(
     shared: Arc<Shared>,
 ) {
     match tokio::time::timeout(live.head_timeout, acceptor.accept(socket)).await {
-        Ok(Ok(stream)) => blob::serve::connection(stream, peer, shared).await,
+        Ok(Ok(stream)) => {
+            blob::serve::connection(stream, peer, blob::sas::Transport::Tls, shared).await
+        }
         Ok(Err(e)) => {
             tracing::debug!(client = %peer, error = %e, "blob gateway TLS handshake failed");
             count_tls_failure(&shared);

@@ -14,6 +14,9 @@
 #      storageAccountURI, the key from the credentials file): blocks up, list, down, delete;
 #   d) one 1 GiB Put Blob (GW_BIG_MIB changes it) while the proxy's RSS is sampled every
 #      50 ms: it must grow by less than 16 MiB;
+#   f) service SAS signed with the client key (Velero's download URLs, a container SAS, the
+#      SharedAccessSignature= connection string) and eleven SAS refusals, none in Azurite's
+#      log, no client `sig=` in any request Azurite received;
 #   e) Blob Batch: the SDK's delete_blobs, a refused batch (the twelfth refusal), then
 #      barman-cloud-backup-delete of the first backup, whose blobs must be gone from Azurite
 #      (listed with the real key).
@@ -21,6 +24,7 @@
 GW_HOST=egress-gate-blob.egress-gate.svc # the Service name a workload is given
 GW_PORT=10443                            # blob.tls.listen's port
 GW_URL=https://$GW_HOST:$GW_PORT
+GW_PLAIN_PORT=10000                      # blob.listen's port: the https-only SAS refusal needs it
 GW_RSS_LIMIT_KIB=$((16 * 1024)) # issue 13: memory stays flat however large the upload
 
 GW_GO_BUILD="" # the Go client's build, started by gw_setup while barman-cloud runs
@@ -49,6 +53,7 @@ gw_setup() {
   write_proxy_config "$HOST"
   cat >>"$run/proxy.yaml" <<YAML
 blob:
+  listen: $PROXY_IP:$GW_PLAIN_PORT
   tls: {listen: $PROXY_IP:$GW_PORT, certFile: $d/gw.crt, keyFile: $d/gw.key}
   accounts:
     - name: pg-prod
@@ -86,6 +91,7 @@ YAML
   stop_proxy # listeners are bound at start: restart with the blob section
   start_proxy
   wait_tcp "$PRX" "$PROXY_IP" "$GW_PORT"
+  wait_tcp "$PRX" "$PROXY_IP" "$GW_PLAIN_PORT"
 
   # The CNPG pod's env for the gateway: the webhook's proxy variables (its NO_PROXY keeps
   # `.svc` names off the proxy) and the connection string, no account key.
@@ -209,10 +215,26 @@ gw_big() {
   ((rss_max - rss_before < GW_RSS_LIMIT_KIB)) || die "the proxy's RSS grew $((rss_max - rss_before)) KiB during the upload"
 }
 
+# f) SAS signed with the client key, on the TLS listener and (for the https-only refusal) the
+# plain one; the refused ones must not reach Azurite, the accepted ones reach it re-signed.
+gw_sas() {
+  local seen marker
+  seen=$(wc -l <"$logs/azurite-debug.log")
+  pod "$run/env-gw" "$venv/bin/python" "$here/blob_sas.py" "$GW_URL" "http://$GW_HOST:$GW_PLAIN_PORT" \
+    "$(cat "$run/blob/pg-prod.key")" "$KEY" "$run/ca.crt" >"$logs/blob-sas.log" 2>&1 ||
+    die "SAS through the gateway failed: $(tail -n 5 "$logs/blob-sas.log")"
+  sed 's/^/   | /' "$logs/blob-sas.log"
+  tail -n +$((seen + 1)) "$logs/azurite-debug.log" >"$logs/azurite-debug-sas.log"
+  grep -q "pgbackups" "$logs/azurite-debug-sas.log" || die "Azurite's debug log shows none of the SAS requests"
+  ! grep -qF -- neg-sas- "$logs/azurite-debug-sas.log" || die "a refused SAS request reached Azurite"
+  ! grep -qE '[?&]sig=' "$logs/azurite-debug-sas.log" || die "a client's SAS reached Azurite"
+  note "SAS: accepted ones re-signed (no sig= upstream); refusals none in Azurite's debug log"
+}
+
 blob_gateway_step() {
   local t0 part
   gw_setup
-  for part in gw_barman gw_python gw_go gw_big gw_batch; do
+  for part in gw_barman gw_python gw_sas gw_go gw_big gw_batch; do
     t0=$(date +%s.%N)
     "$part"
     note "($part: $(elapsed "$t0")s)"

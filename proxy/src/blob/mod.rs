@@ -6,7 +6,8 @@
 //! after a 401 bearer challenge.
 //!
 //! Pure code on [`http::request::Parts`]: [`shared_key`] (string-to-sign, signing,
-//! verification) with [`collation`] (the service's header order), [`operation`] (what a
+//! verification) with [`collation`] (the service's header order), [`sas`] (a service SAS
+//! signed with the client key: string-to-sign, verification, what it permits), [`operation`] (what a
 //! request does, and whether the account may), [`rewrite`] (the request for the real
 //! account, re-signed) and [`batch`] (the same for every part of a Blob Batch). On top:
 //! [`upstream`] (the pooled client that dials through the policy), [`upstream_auth`] (how
@@ -22,6 +23,7 @@ pub mod imds;
 pub mod metered;
 pub mod operation;
 pub mod rewrite;
+pub mod sas;
 pub mod sas_file;
 pub mod serve;
 pub mod shared_key;

@@ -22,6 +22,7 @@ use super::accounts::Account;
 use super::attempt::{self, Attempt, token_refusal};
 use super::metered::Metered;
 use super::operation::{Operation, classify};
+use super::sas::{self, Grant, SasError, Transport};
 use super::shared_key::{self, verify};
 use super::stall::{IdleBody, Progress, Stall};
 use crate::metrics::BlobLabels;
@@ -44,9 +45,9 @@ const HOP_BY_HOP: [&str; 7] = [
 /// error document.
 type DownBody = Metered<Either<IdleBody<Incoming>, Full<Bytes>>>;
 
-/// Serves one client connection (plain or TLS) until it closes, the drain ends it between
-/// requests, or the drain deadline cuts it.
-pub async fn connection<I>(io: I, peer: SocketAddr, shared: Arc<Shared>)
+/// Serves one client connection (plain or TLS, as `transport` says) until it closes, the
+/// drain ends it between requests, or the drain deadline cuts it.
+pub async fn connection<I>(io: I, peer: SocketAddr, transport: Transport, shared: Arc<Shared>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -54,7 +55,7 @@ where
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(request(req, peer, &shared).await) }
+        async move { Ok::<_, Infallible>(request(req, peer, transport, &shared).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -127,6 +128,7 @@ impl Refuse {
 async fn request(
     req: Request<Incoming>,
     peer: SocketAddr,
+    transport: Transport,
     shared: &Arc<Shared>,
 ) -> Response<DownBody> {
     let mut entry = Entry {
@@ -149,7 +151,7 @@ async fn request(
             a.body_idle_timeout
         });
     let progress = Arc::new(Progress::new(limit));
-    let result = forward(req, shared, &mut entry, &up, &progress).await;
+    let result = forward(req, transport, shared, &mut entry, &up, &progress).await;
     let response = match result {
         Ok(r) => r,
         Err(refuse) => {
@@ -174,6 +176,7 @@ async fn request(
 /// Authenticate, authorize, rewrite, send. Refusals return before anything is sent.
 async fn forward(
     req: Request<Incoming>,
+    transport: Transport,
     shared: &Shared,
     entry: &mut Entry,
     up: &Arc<AtomicU64>,
@@ -205,8 +208,7 @@ async fn forward(
     })?;
     entry.account = name.clone();
     let now = SystemTime::now();
-    verify(&parts, &name, &account.client_key, now)
-        .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))?;
+    let sas = authenticate(&parts, &name, &account, transport, entry.client, now)?;
     let classified = classify(&parts, &name)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
     entry.operation = classified.operation.name();
@@ -215,9 +217,15 @@ async fn forward(
         .scope
         .authorize(&classified)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
+    if let Some(grant) = &sas {
+        grant.permits(&classified).map_err(sas_refusal)?;
+    }
     let is_batch = classified.operation == Operation::BlobBatch;
     for header in HOP_BY_HOP {
         parts.headers.remove(header);
+    }
+    if let Some(grant) = &sas {
+        grant.prepare_upstream(&mut parts, now);
     }
     let credential = account
         .auth
@@ -239,6 +247,37 @@ async fn forward(
     entry.upstream_status = Some(response.status().as_u16());
     let progress = progress.clone();
     Ok(response.map(|body| Either::Left(IdleBody::response(body, progress))))
+}
+
+/// Shared Key when the request has an `Authorization` header; otherwise a service SAS
+/// when its query has `sig` (`Some` with what the SAS grants); anything else is refused as
+/// Shared Key refuses an anonymous request.
+fn authenticate(
+    parts: &http::request::Parts,
+    name: &str,
+    account: &Account,
+    transport: Transport,
+    client: SocketAddr,
+    now: SystemTime,
+) -> Result<Option<Grant>, Refuse> {
+    if sas::carries_sas(parts) {
+        let context = sas::Context {
+            now,
+            transport,
+            client: client.ip(),
+        };
+        return sas::verify(parts, name, &account.client_key, &context)
+            .map(Some)
+            .map_err(sas_refusal);
+    }
+    verify(parts, name, &account.client_key, now)
+        .map(|()| None)
+        .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))
+}
+
+/// A SAS refusal as the Azure-style 403 it is answered with.
+fn sas_refusal(e: SasError) -> Refuse {
+    Refuse::forbidden(e.error_code(), e.reason(), e.to_string())
 }
 
 /// The answer to a request that stalled before the upstream's answer began: 408 when the
