@@ -546,7 +546,7 @@ fn rbac_is_exactly_what_the_webhook_calls() {
             (
                 "",
                 "secrets",
-                &["get", "update", "patch"],
+                &["get", "update"],
                 "egress-webhook-tls"
             ),
         ])
