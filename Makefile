@@ -92,7 +92,8 @@ bench-blob:
 private-checkout:
 	bash scripts/test-private-checkout.sh
 
-## bench-webhook: admission reviews/s and latency over TLS, beside a fixed-response baseline.
+## bench-webhook: admission reviews/s and latency over TLS, beside a fixed-response baseline,
+## and with the pod drift watch (--watch-pods) on against a kube-apiserver holding 50,000 pods.
 bench-webhook:
 	$(CARGO) bench -p egress-webhook --bench admission
 	$(CARGO) run --release -q -p egress-bench -- plot --in target/bench/webhook.json
