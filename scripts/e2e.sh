@@ -16,9 +16,7 @@ echo "e2e: install checked in $((SECONDS - t0))s" >&2
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target}
 cargo build -q -p egress-proxy -p egress-webhook --bins
 export E2E_BIN=${E2E_BIN:-$(realpath -m "$CARGO_TARGET_DIR/debug")}
-bash tests/e2e/run.sh
-# The blob gateway against the same Azurite install, through the Azure SDK for Python.
-bash tests/e2e/blob-gateway.sh
+bash tests/e2e/run.sh # step 9 is the blob gateway (tests/e2e/blob-gateway.sh)
 # barman-cloud backup and restore through the gateway with no storage key (workload
 # identity against Azurite in OAuth mode).
 exec bash tests/e2e/blob-keyless.sh

@@ -1,9 +1,11 @@
 //! `egress-bench`: the load generator behind `make bench` (issue 7). Commands: `sink` (the
 //! destination: discards or echoes), `run` (the scenarios against one path: direct, or
 //! through a CONNECT proxy), `report` (min/median/max over runs, ratios, Markdown and JSON)
-//! and `plot` (PNG curves from a benchmark's JSON). It measures and never asserts on speed.
+//! and `plot` (PNG curves from a benchmark's JSON); `blob` holds the blob gateway's
+//! benchmark (issue 13). It measures and never asserts on speed.
 #![forbid(unsafe_code)]
 
+mod blob;
 mod plot;
 mod procfs;
 mod report;
@@ -46,6 +48,9 @@ enum Cmd {
         #[arg(long = "in")]
         input: PathBuf,
     },
+    /// The blob gateway's benchmark: the TLS upstream, the scenarios, the report.
+    #[command(subcommand)]
+    Blob(blob::BlobCmd),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -66,5 +71,8 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Cmd::Blob(blob::BlobCmd::Upstream(args)) => rt()?.block_on(blob::upstream::serve(args)),
+        Cmd::Blob(blob::BlobCmd::Run(args)) => rt()?.block_on(blob::run::run(args)),
+        Cmd::Blob(blob::BlobCmd::Report(args)) => blob::report::report(&args),
     }
 }

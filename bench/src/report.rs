@@ -45,9 +45,9 @@ pub struct ReportArgs {
 }
 
 /// One row of a table.
-struct Row {
+pub(crate) struct Row {
     /// Figure name in the run results.
-    key: String,
+    pub(crate) key: String,
     /// What the reader sees.
     label: String,
     /// Whether `direct` has this figure (it has no proxy, so no proxy CPU or RSS).
@@ -60,7 +60,7 @@ struct Row {
 }
 
 impl Row {
-    fn new(key: impl Into<String>, label: impl Into<String>, direct_too: bool) -> Self {
+    pub(crate) fn new(key: impl Into<String>, label: impl Into<String>, direct_too: bool) -> Self {
         Self {
             key: key.into(),
             label: label.into(),
@@ -71,7 +71,7 @@ impl Row {
     }
 
     /// A row that describes the run rather than compares paths: no ratio column.
-    fn diagnostic(self) -> Self {
+    pub(crate) fn diagnostic(self) -> Self {
         Self {
             ratio: false,
             ..self
@@ -155,7 +155,7 @@ fn scale_rows(levels: &[usize]) -> Vec<Row> {
 }
 
 /// figure -> values over runs, in run order.
-type Figures = BTreeMap<String, Vec<f64>>;
+pub(crate) type Figures = BTreeMap<String, Vec<f64>>;
 
 /// Combines the run results; see the module comment.
 pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
@@ -254,7 +254,7 @@ pub fn report(args: &ReportArgs) -> anyhow::Result<()> {
 
 /// Fails when the harness broke: an expected path with neither results nor a `missing`
 /// mark, or a path lacking a figure that applies to it, or one that is not a number.
-fn check<'a>(
+pub(crate) fn check<'a>(
     args: &ReportArgs,
     by_name: &BTreeMap<String, Figures>,
     rows: impl Iterator<Item = &'a Row>,
@@ -304,7 +304,11 @@ fn scale_shortfalls(figs: &Figures, levels: &[usize]) -> Vec<String> {
 
 /// Median over runs of egress-proxy's figure divided by `base`'s in the same run: on a
 /// shared machine the load drifts between runs, and a ratio of medians would mix moments.
-fn per_run_ratio(by_name: &BTreeMap<String, Figures>, key: &str, base: &str) -> Option<f64> {
+pub(crate) fn per_run_ratio(
+    by_name: &BTreeMap<String, Figures>,
+    key: &str,
+    base: &str,
+) -> Option<f64> {
     let ours = by_name.get(OURS)?.get(key)?;
     let theirs = by_name.get(base)?.get(key)?;
     let r: Vec<f64> = ours
@@ -326,7 +330,7 @@ fn num(v: f64) -> String {
 }
 
 /// One Markdown table: a column per path, then egress-proxy's ratio to every other path.
-fn table(
+pub(crate) fn table(
     md: &mut String,
     paths: &[String],
     rows: &[Row],

@@ -185,7 +185,7 @@ fn cpu_now(args: &RunArgs) -> [(&'static str, Option<f64>); 3] {
 
 /// Records `{prefix}_{role}_cpu_share` (cores busy) for every role measured both times,
 /// and `{prefix}_{role}_cpu_s_per_gib` when bytes were moved.
-fn record_cpu(
+pub(crate) fn record_cpu(
     fig: &mut BTreeMap<String, f64>,
     prefix: &str,
     before: [(&'static str, Option<f64>); 3],

@@ -51,6 +51,15 @@ const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
 const DEFAULT_SPLICE: bool = true;
 /// Bounds on `maxHeadBytes`: below 1 KiB real clients break, above 1 MiB it is no limit.
 const HEAD_BYTES_RANGE: (usize, usize) = (1024, 1024 * 1024);
+/// A blob request on which no byte has moved for a minute is stuck, not slow: barman-cloud
+/// and the Azure SDKs write their bodies continuously, and Azure answers within seconds of
+/// the last byte. A minute still rides out a congested link or a long GC pause.
+pub const DEFAULT_BLOB_BODY_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Gateway connections at once, both listeners together. A backup holds a handful (barman
+/// uploads a few files in parallel), so 1,000 serves hundreds of clusters; each holds up to
+/// two descriptors (client and upstream), which keeps the gateway's share of a 65,536
+/// open-files limit small beside 10,000 tunnels.
+const DEFAULT_BLOB_MAX_CONNECTIONS: usize = 1000;
 
 /// Access-log and diagnostic output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -162,6 +171,15 @@ pub struct BlobConfig {
     pub tls: Option<TlsConfig>,
     /// The virtual accounts clients may call; each maps to one real account.
     pub accounts: Vec<BlobAccountConfig>,
+    /// A request is aborted when no byte of its body or its answer has moved for this long
+    /// (a client stalled mid-upload, an upstream stalled mid-download or not answering), so
+    /// a stuck peer cannot hold a gateway and an upstream connection for ever.
+    #[serde(default = "default_blob_body_idle_timeout")]
+    pub body_idle_timeout: HumanDuration,
+    /// Gateway connections served at once; past it new ones wait in the kernel's backlog
+    /// until one closes. Bounds the gateway's descriptors apart from `maxTunnels`.
+    #[serde(default = "default_blob_max_connections")]
+    pub max_connections: usize,
 }
 
 /// One virtual account: what clients call `AccountName`, and what it may reach.
@@ -314,6 +332,12 @@ impl BlobConfig {
         if self.accounts.is_empty() {
             return Err(invalid("blob.accounts", "must list at least one account"));
         }
+        if self.body_idle_timeout.0.is_zero() {
+            return Err(invalid("blob.bodyIdleTimeout", "must be greater than zero"));
+        }
+        if self.max_connections == 0 {
+            return Err(invalid("blob.maxConnections", "must be at least 1"));
+        }
         for (i, a) in self.accounts.iter().enumerate() {
             let at = |f: &str| format!("blob.accounts[{i}].{f}");
             check_account_name(&a.name).map_err(|m| invalid(at("name"), m))?;
@@ -438,6 +462,12 @@ fn default_keepalive() -> HumanDuration {
 }
 fn default_drain_timeout() -> HumanDuration {
     HumanDuration(DEFAULT_DRAIN_TIMEOUT)
+}
+fn default_blob_body_idle_timeout() -> HumanDuration {
+    HumanDuration(DEFAULT_BLOB_BODY_IDLE_TIMEOUT)
+}
+fn default_blob_max_connections() -> usize {
+    DEFAULT_BLOB_MAX_CONNECTIONS
 }
 fn default_splice() -> bool {
     DEFAULT_SPLICE
@@ -842,6 +872,8 @@ blob:
         );
         assert_eq!(a.upstream.account, "realacct");
         assert!(a.upstream.ca_file.is_none());
+        assert_eq!(b.body_idle_timeout.0, Duration::from_secs(60));
+        assert_eq!(b.max_connections, 1000);
         assert!(Config::parse("", "t").unwrap().blob.is_none());
     }
 
@@ -856,6 +888,10 @@ blob:
             .contains("blob.accounts[0].permissions")
         );
         assert!(e("account: realacct", "acount: realacct").contains("acount"));
+        let limit = |line: &str| e("  accounts:\n", &format!("  {line}\n  accounts:\n"));
+        assert!(limit("bodyIdleTimeout: 0s").contains("`blob.bodyIdleTimeout`"));
+        assert!(limit("bodyIdleTimeout: soon").contains("bodyIdleTimeout"));
+        assert!(limit("maxConnections: 0").contains("`blob.maxConnections`"));
         assert!(e("name: pg-prod", "name: PG").contains("`blob.accounts[0].name`"));
         assert!(
             e("[pgbackups]", "[pgbackups, Bad_Name]").contains("`blob.accounts[0].containers[1]`")

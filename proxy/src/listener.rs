@@ -41,6 +41,8 @@ struct BlobListeners {
     plain: Option<TcpListener>,
     /// HTTPS.
     tls: Option<TcpListener>,
+    /// `blob.maxConnections`: the slots both listeners take before `accept()`.
+    max_connections: usize,
 }
 
 /// Controls a running server from outside: reload and shutdown (signals, tests).
@@ -132,6 +134,7 @@ impl Server {
             if let Some(t) = &b.tls {
                 blob.tls = Some(bind(t.listen).await?);
             }
+            blob.max_connections = b.max_connections;
         }
         let mut shared = Shared::new(live, config.max_tunnels);
         shared.per_source.set_limits(config.per_source);
@@ -204,11 +207,23 @@ impl Server {
                 }
             }
         };
+        // The gateway's connections take their own slots (`blob.maxConnections`), before
+        // `accept()` like the tunnels': a full gateway leaves new clients in the backlog
+        // (they are served as connections close) and never takes the tunnels' slots.
+        let blob_slots = Arc::new(Semaphore::new(self.blob.max_connections));
+        let blob_loop = |listener: Option<TcpListener>, kind: Kind| {
+            let (shared, slots, done) = (shared.clone(), blob_slots.clone(), done_tx.clone());
+            async move {
+                if let Some(l) = listener {
+                    accept_loop(l, kind, shared, slots, done).await;
+                }
+            }
+        };
         tokio::join!(
             plain,
             optional(self.tls, Kind::Tls),
-            optional(self.blob.plain, Kind::Blob),
-            optional(self.blob.tls, Kind::BlobTls),
+            blob_loop(self.blob.plain, Kind::Blob),
+            blob_loop(self.blob.tls, Kind::BlobTls),
         );
         drop(done_tx);
         let drain = shared.live().drain_timeout;
@@ -280,7 +295,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        // Gateway connections are bounded by the accept slots; tunnel permits are the
+        // Gateway connections are bounded by their accept slots; tunnel permits are the
         // CONNECT path's budget.
         let permit = match kind {
             Kind::Plain | Kind::Tls => shared.try_tunnel_permit(),
@@ -302,7 +317,9 @@ async fn accept_loop(
                     Box::pin(tls_serve(acceptor, socket, peer, permit, &live, shared)).await;
                 }
                 (Kind::Tls, None) => {}
-                (Kind::Blob, _) => blob::serve::connection(socket, peer, shared).await,
+                (Kind::Blob, _) => {
+                    blob::serve::connection(socket, peer, blob::sas::Transport::Plain, shared).await
+                }
                 (Kind::BlobTls, _) => {
                     if let Some(config) = live.blob_tls.clone() {
                         let acceptor = TlsAcceptor::from(config);
@@ -376,7 +393,9 @@ async fn blob_tls_serve(
     shared: Arc<Shared>,
 ) {
     match tokio::time::timeout(live.head_timeout, acceptor.accept(socket)).await {
-        Ok(Ok(stream)) => blob::serve::connection(stream, peer, shared).await,
+        Ok(Ok(stream)) => {
+            blob::serve::connection(stream, peer, blob::sas::Transport::Tls, shared).await
+        }
         Ok(Err(e)) => {
             tracing::debug!(client = %peer, error = %e, "blob gateway TLS handshake failed");
             count_tls_failure(&shared);

@@ -217,21 +217,28 @@ async fn run(args: Args, config: Config) -> anyhow::Result<()> {
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let watcher = tokio::spawn(async move {
-        let mut seen = fingerprint(&args, &config);
+        // The files to watch come from the newest file that parsed, not the one read at
+        // start: an account a reload adds has its key files watched from then on, and a
+        // key file a failed reload could not read is retried when it appears.
+        let mut watched = config.clone();
+        let mut seen = fingerprint(&args, &watched);
         let mut tick = tokio::time::interval(args.watch_interval.0.max(Duration::from_millis(100)));
         loop {
             tokio::select! {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: reloading configuration");
-                    reload(&args, &config, &handle);
-                    seen = fingerprint(&args, &config);
+                    if let Some(next) = reload(&args, &config, &handle) {
+                        watched = next;
+                    }
+                    seen = fingerprint(&args, &watched);
                 }
                 _ = tick.tick() => {
-                    let now = fingerprint(&args, &config);
-                    if now != seen {
+                    if fingerprint(&args, &watched) != seen {
                         tracing::info!("configuration file changed: reloading");
-                        reload(&args, &config, &handle);
-                        seen = now;
+                        if let Some(next) = reload(&args, &config, &handle) {
+                            watched = next;
+                        }
+                        seen = fingerprint(&args, &watched);
                     }
                 }
                 _ = term.recv() => { tracing::info!("SIGTERM: draining"); handle.shutdown(); return; }
@@ -245,58 +252,57 @@ async fn run(args: Args, config: Config) -> anyhow::Result<()> {
 }
 
 /// Loads the file again and applies it; an invalid file keeps the running settings.
-fn reload(args: &Args, running: &Config, handle: &Handle) {
+/// Returns the file as parsed (applied or not, when only a file it names failed), so the
+/// watcher can watch the files it names; `None` when it did not parse.
+fn reload(args: &Args, started: &Config, handle: &Handle) -> Option<Config> {
     let next = match args.load() {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("reload rejected, keeping the running configuration: {e}");
             handle.reload_failed();
-            return;
+            return None;
         }
     };
-    if next.listen != running.listen
-        || next.admin_listen != running.admin_listen
-        || next.max_tunnels != running.max_tunnels
-        || next.log_format != running.log_format
-        || next.worker_threads != running.worker_threads
-        || next.tls.as_ref().map(|t| t.listen) != running.tls.as_ref().map(|t| t.listen)
-        || blob_listeners(&next) != blob_listeners(running)
-        || next.identity != running.identity
+    if next.listen != started.listen
+        || next.admin_listen != started.admin_listen
+        || next.max_tunnels != started.max_tunnels
+        || next.log_format != started.log_format
+        || next.worker_threads != started.worker_threads
+        || next.tls.as_ref().map(|t| t.listen) != started.tls.as_ref().map(|t| t.listen)
+        || blob_listeners(&next) != blob_listeners(started)
+        || next.identity != started.identity
     {
         tracing::warn!(
-            "listen, adminListen, tls.listen, blob.listen, blob.tls.listen, maxTunnels, logFormat, workerThreads and identity changes apply at the next restart"
+            "listen, adminListen, tls.listen, blob.listen, blob.tls.listen, blob.maxConnections, maxTunnels, logFormat, workerThreads and identity changes apply at the next restart"
         );
     }
     match handle.reload(&next) {
         Ok(()) => tracing::info!(rules = next.allow.len(), "configuration reloaded"),
         Err(e) => tracing::error!("reload rejected, keeping the running configuration: {e}"),
     }
+    Some(next)
 }
 
-/// The blob gateway's listener addresses, which only a restart changes.
-fn blob_listeners(c: &Config) -> Option<(Option<SocketAddr>, Option<SocketAddr>)> {
-    c.blob
-        .as_ref()
-        .map(|b| (b.listen, b.tls.as_ref().map(|t| t.listen)))
+/// The blob gateway's listener addresses and connection cap, which only a restart changes.
+fn blob_listeners(c: &Config) -> Option<(Option<SocketAddr>, Option<SocketAddr>, usize)> {
+    c.blob.as_ref().map(|b| {
+        (
+            b.listen,
+            b.tls.as_ref().map(|t| t.listen),
+            b.max_connections,
+        )
+    })
 }
 
 /// The bytes of every watched file (config, TLS certificate and key), to notice changes.
-fn fingerprint(args: &Args, running: &Config) -> Vec<Vec<u8>> {
+fn fingerprint(args: &Args, watched: &Config) -> Vec<Vec<u8>> {
     let mut paths: Vec<&Path> = args.config.iter().map(PathBuf::as_path).collect();
-    if let Some(t) = &running.tls {
+    if let Some(t) = &watched.tls {
         paths.push(&t.cert_file);
         paths.push(&t.key_file);
     }
-    if let Some(b) = &running.blob {
-        if let Some(t) = &b.tls {
-            paths.push(&t.cert_file);
-            paths.push(&t.key_file);
-        }
-        for a in &b.accounts {
-            paths.push(&a.client_key_file);
-            paths.extend(a.upstream.shared_key_file.as_deref());
-            paths.extend(a.upstream.ca_file.as_deref());
-        }
+    if let Some(b) = &watched.blob {
+        paths.extend(egress_proxy::blob::accounts::watched_files(b));
     }
     paths
         .into_iter()

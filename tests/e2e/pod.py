@@ -3,7 +3,8 @@ an in-cluster HTTPS service. Run with the venv's python (tests/e2e/.venv).
 
   pod.py env INJECTED.yaml [CONTAINER...]  -> KEY=VALUE lines: the proxy env those containers
                                            share (default: the CNPG instance's two)
-  pod.py container-create NAME             (Azure SDK, through whatever HTTPS_PROXY says)
+  pod.py container-create NAME             (Azure SDK, through whatever HTTPS_PROXY says;
+                                           AZURE_STORAGE_CONNECTION_STRING if set)
   pod.py blob-count NAME [PREFIX]          -> number of blobs
   pod.py roundtrip NAME FILE               upload FILE, download it, compare SHA-256
   pod.py serve ADDR PORT CERT KEY          an HTTPS server that logs each request's client
@@ -54,8 +55,12 @@ def env_from_injected(path, *containers):
 
 
 def service():
+    """The pod's storage client: the connection string when it has one (CNPG's
+    `azureCredentials.connectionString`, as for the blob gateway), else account and key."""
     from azure.storage.blob import BlobServiceClient
 
+    if conn := os.environ.get("AZURE_STORAGE_CONNECTION_STRING"):
+        return BlobServiceClient.from_connection_string(conn)
     account = os.environ["AZURE_STORAGE_ACCOUNT"]
     return BlobServiceClient(
         f"https://{account}.blob.core.windows.net",

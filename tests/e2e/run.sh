@@ -13,7 +13,7 @@ shopt -s inherit_errexit
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=$(realpath -m "${E2E_BIN:-$root/target/debug}") # absolute: the run works from its own folder
-steps=" ${E2E_STEPS:-1 2 3 4 5 6 7 8} "
+steps=" ${E2E_STEPS:-1 2 3 4 5 6 7 8 9} "
 
 skip() { echo "SKIP: e2e: $*"; exit 0; }
 die() { echo "e2e: FAIL: $*" >&2; exit 1; }
@@ -281,7 +281,8 @@ pod_pg() { # envfile cmd...  (as the postgres user)
 psql_at() { # port sql
   in_ns "$POD" runuser -u postgres -- "$pgbin/psql" -h "$run/sock" -p "$1" -d postgres -XAtq -v ON_ERROR_STOP=1 -c "$2"
 }
-url() { echo "azure://$HOST/$1"; }
+BARMAN_BASE=azure://$HOST # barman-cloud's destination without the container (step 9: the gateway's)
+url() { echo "$BARMAN_BASE/$1"; }
 BARMAN=(--cloud-provider azure-blob-storage)
 # An immediate checkpoint, as CNPG's `immediateCheckpoint: true`: a spread one waits up to
 # 0.9 x checkpoint_timeout (4.5 min) before the first byte is uploaded.
@@ -579,6 +580,9 @@ step7() {
   restore_and_compare "$run/env-proxy" main "$bid" "$run/main-restored-after-fault" 5434 "$want"
 }
 
+# shellcheck source=tests/e2e/blob-gateway.sh
+source "$here/blob-gateway.sh" # step 9
+
 echo "e2e: run $id in $run (pod=$POD proxy=$PRX azure=$AZ)"
 setup_net
 make_certs
@@ -594,5 +598,6 @@ step 5 "the same backup and restore through Envoy (Envoy Gateway's CONNECT termi
 step 6 "negatives: proxy stopped, account not allowed, NO_PROXY keeps in-cluster names off" step6
 step 7 "fault: egress-proxy restarted (SIGTERM, drain) during barman-cloud-backup" step7
 step 8 "Velero's HTTP stack (Go net/http, proxy from the env): blob up and down, NO_PROXY" step8
+step 9 "blob gateway from the pod: barman-cloud (delete by batch), Python SDK, Go Shared Key, 1 GiB" blob_gateway_step
 
 echo "e2e: all selected steps passed in $(elapsed "$t_start")s"

@@ -103,6 +103,11 @@ pub struct DriftTracker {
     pods: HashMap<(String, String), Tracked>,
     /// Pods of a relist in progress, swapped in when it completes.
     pods_relist: Option<HashMap<(String, String), Tracked>>,
+    /// Counts of `pods` by namespace (opted in or not) and profile, kept in step with every
+    /// event, so publishing the gauges costs the namespaces and profiles rather than a pass
+    /// over every pod each second (50,000 pods: a pass that stalled admission on the shared
+    /// runtime thread; see docs/performance.md). Recomputed only when a relist completes.
+    totals: HashMap<String, HashMap<Arc<str>, Counts>>,
     /// Namespaces carrying the opt-in label, less the excluded ones.
     namespaces: BTreeSet<String>,
     /// Namespaces of a relist in progress.
@@ -173,7 +178,7 @@ impl DriftTracker {
         match event {
             Event::Apply((key, found)) => self.upsert(key, found, false),
             Event::Delete((key, _)) => {
-                self.pods.remove(&key);
+                self.remove(&key);
                 None
             }
             Event::Init => {
@@ -184,6 +189,10 @@ impl DriftTracker {
             Event::InitDone => {
                 if let Some(pods) = self.pods_relist.take() {
                     self.pods = pods;
+                    self.totals.clear();
+                    for ((ns, _), tracked) in &self.pods {
+                        tally(&mut self.totals, ns, tracked, true);
+                    }
                 }
                 self.pods_listed = true;
                 None
@@ -198,7 +207,7 @@ impl DriftTracker {
         relist: bool,
     ) -> Option<Missing> {
         let Some((profile, state)) = found else {
-            self.pods.remove(&key);
+            self.remove(&key);
             if let Some(r) = self.pods_relist.as_mut().filter(|_| relist) {
                 r.remove(&key);
             }
@@ -216,10 +225,24 @@ impl DriftTracker {
         });
         let tracked = Tracked { profile, state };
         match self.pods_relist.as_mut().filter(|_| relist) {
-            Some(r) => r.insert(key, tracked),
-            None => self.pods.insert(key, tracked),
-        };
+            Some(r) => {
+                r.insert(key, tracked);
+            }
+            None => {
+                tally(&mut self.totals, &key.0, &tracked, true);
+                if let Some(old) = self.pods.insert(key.clone(), tracked) {
+                    tally(&mut self.totals, &key.0, &old, false);
+                }
+            }
+        }
         missing
+    }
+
+    /// Forgets a pod, and uncounts it.
+    fn remove(&mut self, key: &(String, String)) {
+        if let Some(old) = self.pods.remove(key) {
+            tally(&mut self.totals, &key.0, &old, false);
+        }
     }
 
     fn intern(&mut self, profile: &str) -> Arc<str> {
@@ -231,24 +254,18 @@ impl DriftTracker {
         p
     }
 
-    /// Counts by (namespace, profile), over opted-in namespaces only.
+    /// Counts by (namespace, profile), over opted-in namespaces only, for the pairs with
+    /// at least one selected pod. Costs the number of namespaces and profiles, not pods.
     pub fn counts(&self) -> BTreeMap<(String, String), Counts> {
         let mut out: BTreeMap<(String, String), Counts> = BTreeMap::new();
-        for ((ns, _), tracked) in &self.pods {
+        for (ns, profiles) in &self.totals {
             if !self.opted_in(ns) {
                 continue;
             }
-            let c = out
-                .entry((ns.clone(), tracked.profile.to_string()))
-                .or_default();
-            c.selected += 1;
-            match tracked.state {
-                PodState::Injected => c.injected += 1,
-                PodState::Stale => {
-                    c.injected += 1;
-                    c.stale += 1;
+            for (profile, c) in profiles {
+                if c.selected > 0 {
+                    out.insert((ns.clone(), profile.to_string()), *c);
                 }
-                PodState::Uninjected => c.uninjected += 1,
             }
         }
         out
@@ -273,6 +290,36 @@ impl DriftTracker {
     /// The opted-in namespaces, sorted.
     pub fn namespaces(&self) -> impl Iterator<Item = &str> {
         self.namespaces.iter().map(String::as_str)
+    }
+}
+
+/// Adds one tracked pod of `namespace` to the totals (`add`), or takes it away.
+fn tally(
+    totals: &mut HashMap<String, HashMap<Arc<str>, Counts>>,
+    namespace: &str,
+    tracked: &Tracked,
+    add: bool,
+) {
+    let profiles = match totals.get_mut(namespace) {
+        Some(p) => p,
+        None => totals.entry(namespace.to_string()).or_default(),
+    };
+    let c = profiles.entry(Arc::clone(&tracked.profile)).or_default();
+    let step = |n: &mut u64| {
+        *n = if add {
+            n.saturating_add(1)
+        } else {
+            n.saturating_sub(1)
+        }
+    };
+    step(&mut c.selected);
+    match tracked.state {
+        PodState::Injected => step(&mut c.injected),
+        PodState::Stale => {
+            step(&mut c.injected);
+            step(&mut c.stale);
+        }
+        PodState::Uninjected => step(&mut c.uninjected),
     }
 }
 
@@ -559,6 +606,51 @@ mod tests {
             classify(&inj, &NoServices, "db", &instance, &stale),
             Some(("cnpg".into(), PodState::Stale))
         );
+    }
+
+    #[test]
+    fn counts_follow_updates_deletes_and_relists_without_a_pass_over_the_pods() {
+        let mut t = DriftTracker::new("egress-gate");
+        t.namespace_event(Event::Apply("db".into()));
+        let state = |s| Some(("cnpg".to_string(), s));
+        let db = ("db".to_string(), "cnpg".to_string());
+        t.pod_event(Event::Apply((key("db", "a"), state(PodState::Uninjected))));
+        t.pod_event(Event::Apply((key("db", "b"), state(PodState::Stale))));
+        t.pod_event(Event::Apply((key("apps", "c"), state(PodState::Injected))));
+        // An update moves a pod between states; a label change out of every profile, or a
+        // delete, uncounts it.
+        t.pod_event(Event::Apply((key("db", "a"), state(PodState::Injected))));
+        assert_eq!(
+            t.counts()[&db],
+            Counts {
+                selected: 2,
+                injected: 2,
+                stale: 1,
+                uninjected: 0
+            }
+        );
+        t.pod_event(Event::Apply((key("db", "b"), None)));
+        assert_eq!(t.counts()[&db].selected, 1);
+        t.pod_event(Event::Delete((key("db", "a"), None)));
+        assert!(t.counts().is_empty(), "{:?}", t.counts());
+        // Opting `apps` in shows the pod counted all along.
+        t.namespace_event(Event::Apply("apps".into()));
+        assert_eq!(t.counts().len(), 1);
+        // A relist replaces everything, counts included, when it completes.
+        t.pod_event(Event::Init);
+        t.pod_event(Event::InitApply((
+            key("db", "x"),
+            state(PodState::Uninjected),
+        )));
+        assert_eq!(
+            t.counts().len(),
+            1,
+            "the old pods count until the relist is done"
+        );
+        t.pod_event(Event::InitDone);
+        let counts = t.counts();
+        assert_eq!(counts.len(), 1, "{counts:?}");
+        assert_eq!(counts[&db].uninjected, 1);
     }
 
     #[test]

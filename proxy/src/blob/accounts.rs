@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::imds::Imds;
 use super::operation::Scope;
@@ -47,6 +48,8 @@ pub struct Account {
 pub struct Accounts {
     /// Keyed by the virtual account name (the first path segment).
     by_name: HashMap<String, Arc<Account>>,
+    /// `blob.bodyIdleTimeout`: reloadable, so it travels with the accounts.
+    pub body_idle_timeout: Duration,
 }
 
 impl Accounts {
@@ -83,7 +86,10 @@ impl Accounts {
             };
             by_name.insert(a.name.clone(), Arc::new(account));
         }
-        Ok(Self { by_name })
+        Ok(Self {
+            by_name,
+            body_idle_timeout: config.body_idle_timeout.0,
+        })
     }
 
     /// The account called `name`, if configured.
@@ -135,6 +141,24 @@ fn upstream_auth(
         field: field("sharedKeyFile"),
         message: "no upstream auth mode is set".into(),
     })
+}
+
+/// Every file the `blob:` section reads and a change to which must reload it: the TLS
+/// listener's certificate and key, and each account's key files and CA file. Derived from
+/// the configuration being loaded, so accounts a reload adds are watched from then on.
+pub fn watched_files(config: &BlobConfig) -> Vec<&Path> {
+    let mut paths = Vec::new();
+    if let Some(t) = &config.tls {
+        paths.push(t.cert_file.as_path());
+        paths.push(t.key_file.as_path());
+    }
+    for a in &config.accounts {
+        paths.push(a.client_key_file.as_path());
+        paths.extend(a.upstream.shared_key_file.as_deref());
+        paths.extend(a.upstream.sas_file.as_deref());
+        paths.extend(a.upstream.ca_file.as_deref());
+    }
+    paths
 }
 
 /// Reads a base64 key file (surrounding whitespace ignored, as `kubectl create secret`

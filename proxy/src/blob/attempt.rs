@@ -17,8 +17,9 @@ use hyper::body::{Body, Incoming};
 use super::accounts::Account;
 use super::batch::{self, BatchError, MAX_BATCH_BODY, PartCheck};
 use super::metered::Metered;
-use super::serve::Refuse;
+use super::serve::{Refuse, stalled};
 use super::shared_key;
+use super::stall::{IdleBody, Progress};
 use super::token::TokenCache;
 use super::upstream::UpBody;
 use super::upstream_auth::Credential;
@@ -46,6 +47,8 @@ pub(super) struct Attempt<'a> {
     pub(super) up: &'a Arc<AtomicU64>,
     /// The clock batch parts are checked against.
     pub(super) now: SystemTime,
+    /// The request's progress: a stalled upstream ends the attempt (`bodyIdleTimeout`).
+    pub(super) progress: &'a Arc<Progress>,
 }
 
 /// Splits the client's body into what can be sent twice and what streams once: a batch is
@@ -53,12 +56,13 @@ pub(super) struct Attempt<'a> {
 /// one a retry is for), anything else streams.
 pub(super) async fn split_body(
     parts: &http::request::Parts,
-    body: Incoming,
+    body: IdleBody<Incoming>,
     is_batch: bool,
     credential: &Credential,
-) -> Result<(Option<Replay>, Option<Incoming>), Refuse> {
+    progress: &Progress,
+) -> Result<(Option<Replay>, Option<IdleBody<Incoming>>), Refuse> {
     if is_batch {
-        Ok((Some(read_batch(parts, body).await?), None))
+        Ok((Some(read_batch(parts, body, progress).await?), None))
     } else if matches!(credential, Credential::Bearer(_)) && body.is_end_stream() {
         Ok((Some(Replay::Empty), None))
     } else {
@@ -73,10 +77,10 @@ impl Attempt<'_> {
     pub(super) async fn run(
         &self,
         credential: &Credential,
-        stream: Option<Incoming>,
+        stream: Option<IdleBody<Incoming>>,
         tokens: &TokenCache,
     ) -> Result<Response<Incoming>, Refuse> {
-        let response = send(self.account, self.request(credential, stream)?, self.name).await?;
+        let response = self.send(self.request(credential, stream)?).await?;
         let (Credential::Bearer(rejected), Some(token)) =
             (credential, self.account.auth.token_entry(tokens))
         else {
@@ -94,7 +98,22 @@ impl Attempt<'_> {
             .await
             .map_err(token_refusal)?;
         let retry = self.request(&Credential::Bearer(fresh), None)?;
-        send(self.account, retry, self.name).await
+        self.send(retry).await
+    }
+
+    /// Sends one request upstream; a failure to get an answer is a 502, an upstream that
+    /// stops reading the body or does not begin its answer within `bodyIdleTimeout` a 504
+    /// (dropping the request closes its connection), a client whose body stops a 408.
+    async fn send(&self, request: Request<UpBody>) -> Result<Response<Incoming>, Refuse> {
+        let progress = self.progress;
+        let sent = tokio::select! {
+            r = send(self.account, request, self.name) => r,
+            () = progress.upstream_stalled() => return Err(stalled_refusal(progress)),
+        };
+        if progress.stall().is_some() {
+            return Err(stalled_refusal(progress));
+        }
+        sent
     }
 
     /// The upstream request with `credential`; `stream` is the client's body when it is
@@ -102,7 +121,7 @@ impl Attempt<'_> {
     fn request(
         &self,
         credential: &Credential,
-        stream: Option<Incoming>,
+        stream: Option<IdleBody<Incoming>>,
     ) -> Result<Request<UpBody>, Refuse> {
         let mut parts = self.template.clone();
         let body: UpBody = match (self.replay, stream) {
@@ -200,9 +219,22 @@ fn batch_refusal(e: BatchError) -> Refuse {
     }
 }
 
+/// The refusal for the stall `progress` recorded (an upstream stall when the watchdog fired
+/// first).
+fn stalled_refusal(progress: &Progress) -> Refuse {
+    stalled(
+        progress.stall().unwrap_or(super::stall::Stall::Upstream),
+        progress.limit(),
+    )
+}
+
 /// Reads a batch body (bounded) with its Content-Type; the parts are checked and
 /// rewritten per attempt.
-async fn read_batch(parts: &http::request::Parts, body: Incoming) -> Result<Replay, Refuse> {
+async fn read_batch(
+    parts: &http::request::Parts,
+    body: IdleBody<Incoming>,
+    progress: &Progress,
+) -> Result<Replay, Refuse> {
     let content_type = parts
         .headers
         .get(CONTENT_TYPE)
@@ -212,7 +244,9 @@ async fn read_batch(parts: &http::request::Parts, body: Incoming) -> Result<Repl
         .collect()
         .await
         .map_err(|e| {
-            if e.is::<http_body_util::LengthLimitError>() {
+            if let Some(stall) = progress.stall() {
+                stalled(stall, progress.limit())
+            } else if e.is::<http_body_util::LengthLimitError>() {
                 batch_refusal(BatchError::TooLarge)
             } else {
                 batch_refusal(BatchError::Malformed("the body could not be read"))

@@ -22,7 +22,9 @@ use super::accounts::Account;
 use super::attempt::{self, Attempt, token_refusal};
 use super::metered::Metered;
 use super::operation::{Operation, classify};
+use super::sas::{self, Grant, SasError, Transport};
 use super::shared_key::{self, verify};
+use super::stall::{IdleBody, Progress, Stall};
 use crate::metrics::BlobLabels;
 use crate::state::Shared;
 
@@ -39,12 +41,13 @@ const HOP_BY_HOP: [&str; 7] = [
     "expect",
 ];
 
-/// The response body: the upstream's, streamed, or the gateway's own error document.
-type DownBody = Metered<Either<Incoming, Full<Bytes>>>;
+/// The response body: the upstream's, streamed (and cut if it stalls), or the gateway's own
+/// error document.
+type DownBody = Metered<Either<IdleBody<Incoming>, Full<Bytes>>>;
 
-/// Serves one client connection (plain or TLS) until it closes, the drain ends it between
-/// requests, or the drain deadline cuts it.
-pub async fn connection<I>(io: I, peer: SocketAddr, shared: Arc<Shared>)
+/// Serves one client connection (plain or TLS, as `transport` says) until it closes, the
+/// drain ends it between requests, or the drain deadline cuts it.
+pub async fn connection<I>(io: I, peer: SocketAddr, transport: Transport, shared: Arc<Shared>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -52,7 +55,7 @@ where
     let svc_shared = shared.clone();
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(request(req, peer, &shared).await) }
+        async move { Ok::<_, Infallible>(request(req, peer, transport, &shared).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -125,6 +128,7 @@ impl Refuse {
 async fn request(
     req: Request<Incoming>,
     peer: SocketAddr,
+    transport: Transport,
     shared: &Arc<Shared>,
 ) -> Response<DownBody> {
     let mut entry = Entry {
@@ -138,7 +142,16 @@ async fn request(
         start: Instant::now(),
     };
     let up = Arc::new(AtomicU64::new(0));
-    let result = forward(req, shared, &mut entry, &up).await;
+    // Without a `blob:` section the request is refused before any body is read.
+    let limit = shared
+        .live()
+        .blob
+        .as_ref()
+        .map_or(crate::config::DEFAULT_BLOB_BODY_IDLE_TIMEOUT, |a| {
+            a.body_idle_timeout
+        });
+    let progress = Arc::new(Progress::new(limit));
+    let result = forward(req, transport, shared, &mut entry, &up, &progress).await;
     let response = match result {
         Ok(r) => r,
         Err(refuse) => {
@@ -150,6 +163,11 @@ async fn request(
     let (parts, body) = response.into_parts();
     let shared = shared.clone();
     let body = Metered::new(body, Arc::new(AtomicU64::new(0))).on_end(move |down| {
+        let mut entry = entry;
+        if let Some(stall) = progress.stall() {
+            entry.result = stall.reason();
+            warn_stall(&entry, stall, progress.limit());
+        }
         finish(&entry, up.load(Ordering::Relaxed), down, &shared);
     });
     Response::from_parts(parts, body)
@@ -158,10 +176,12 @@ async fn request(
 /// Authenticate, authorize, rewrite, send. Refusals return before anything is sent.
 async fn forward(
     req: Request<Incoming>,
+    transport: Transport,
     shared: &Shared,
     entry: &mut Entry,
     up: &Arc<AtomicU64>,
-) -> Result<Response<Either<Incoming, Full<Bytes>>>, Refuse> {
+    progress: &Arc<Progress>,
+) -> Result<Response<Either<IdleBody<Incoming>, Full<Bytes>>>, Refuse> {
     let live = shared.live();
     let accounts = live.blob.clone().ok_or_else(|| Refuse {
         status: StatusCode::SERVICE_UNAVAILABLE,
@@ -170,6 +190,7 @@ async fn forward(
         message: "the blob gateway is not configured".into(),
     })?;
     let (mut parts, body) = req.into_parts();
+    let body = IdleBody::request(body, progress.clone());
     let name = parts
         .uri
         .path()
@@ -187,8 +208,7 @@ async fn forward(
     })?;
     entry.account = name.clone();
     let now = SystemTime::now();
-    verify(&parts, &name, &account.client_key, now)
-        .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))?;
+    let sas = authenticate(&parts, &name, &account, transport, entry.client, now)?;
     let classified = classify(&parts, &name)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
     entry.operation = classified.operation.name();
@@ -197,16 +217,23 @@ async fn forward(
         .scope
         .authorize(&classified)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
+    if let Some(grant) = &sas {
+        grant.permits(&classified).map_err(sas_refusal)?;
+    }
     let is_batch = classified.operation == Operation::BlobBatch;
     for header in HOP_BY_HOP {
         parts.headers.remove(header);
+    }
+    if let Some(grant) = &sas {
+        grant.prepare_upstream(&mut parts, now);
     }
     let credential = account
         .auth
         .credential(&shared.tokens)
         .await
         .map_err(token_refusal)?;
-    let (replay, stream) = attempt::split_body(&parts, body, is_batch, &credential).await?;
+    let (replay, stream) =
+        attempt::split_body(&parts, body, is_batch, &credential, progress).await?;
     let attempt = Attempt {
         template: &parts,
         name: &name,
@@ -214,14 +241,82 @@ async fn forward(
         replay: replay.as_ref(),
         up,
         now,
+        progress,
     };
     let response = attempt.run(&credential, stream, &shared.tokens).await?;
     entry.upstream_status = Some(response.status().as_u16());
-    Ok(response.map(Either::Left))
+    let progress = progress.clone();
+    Ok(response.map(|body| Either::Left(IdleBody::response(body, progress))))
+}
+
+/// Shared Key when the request has an `Authorization` header; otherwise a service SAS
+/// when its query has `sig` (`Some` with what the SAS grants); anything else is refused as
+/// Shared Key refuses an anonymous request.
+fn authenticate(
+    parts: &http::request::Parts,
+    name: &str,
+    account: &Account,
+    transport: Transport,
+    client: SocketAddr,
+    now: SystemTime,
+) -> Result<Option<Grant>, Refuse> {
+    if sas::carries_sas(parts) {
+        let context = sas::Context {
+            now,
+            transport,
+            client: client.ip(),
+        };
+        return sas::verify(parts, name, &account.client_key, &context)
+            .map(Some)
+            .map_err(sas_refusal);
+    }
+    verify(parts, name, &account.client_key, now)
+        .map(|()| None)
+        .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))
+}
+
+/// A SAS refusal as the Azure-style 403 it is answered with.
+fn sas_refusal(e: SasError) -> Refuse {
+    Refuse::forbidden(e.error_code(), e.reason(), e.to_string())
+}
+
+/// The answer to a request that stalled before the upstream's answer began: 408 when the
+/// client stopped sending its body, 504 when the upstream stopped reading it or answering.
+pub(super) fn stalled(stall: Stall, limit: std::time::Duration) -> Refuse {
+    let (status, message) = match stall {
+        Stall::ClientBody => (
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body stopped: no byte for {limit:?} (blob.bodyIdleTimeout)"),
+        ),
+        Stall::Upstream | Stall::UpstreamBody => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "the storage account stopped: nothing moved for {limit:?} (blob.bodyIdleTimeout)"
+            ),
+        ),
+    };
+    Refuse {
+        status,
+        code: "OperationTimedOut",
+        reason: stall.reason(),
+        message,
+    }
+}
+
+/// The warning beside the access-log line of a request a stall ended.
+fn warn_stall(entry: &Entry, stall: Stall, limit: std::time::Duration) {
+    tracing::warn!(
+        account = %entry.account,
+        operation = entry.operation,
+        client = %entry.client,
+        reason = stall.reason(),
+        limit_secs = limit.as_secs_f64(),
+        "blob request aborted: no byte moved within blob.bodyIdleTimeout; both connections closed"
+    );
 }
 
 /// An Azure-style error: status, `x-ms-error-code`, and the XML `<Error>` document.
-fn error_response(r: &Refuse) -> Response<Either<Incoming, Full<Bytes>>> {
+fn error_response(r: &Refuse) -> Response<Either<IdleBody<Incoming>, Full<Bytes>>> {
     let body = format!(
         "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{}</Code><Message>{}</Message></Error>",
         r.code,

@@ -301,8 +301,9 @@ pub fn verify(
     Err(AuthError::BadSignature)
 }
 
-/// Constant-time check of `claimed` against the MAC of `string_to_sign`.
-fn matches(key: &AccountKey, string_to_sign: &str, claimed: &[u8]) -> bool {
+/// Constant-time check of `claimed` against the MAC of `string_to_sign` (also the check
+/// of a SAS's `sig`).
+pub(crate) fn matches(key: &AccountKey, string_to_sign: &str, claimed: &[u8]) -> bool {
     let mut mac = key.mac();
     mac.update(string_to_sign.as_bytes());
     mac.verify_slice(claimed).is_ok()

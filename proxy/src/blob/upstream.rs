@@ -34,8 +34,10 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// sockets than that only wait.
 const POOL_MAX_IDLE: usize = 32;
 
-/// A request body the gateway forwards: the client's, streamed, or a rewritten batch body.
-pub type UpBody = Either<super::metered::Metered<Incoming>, http_body_util::Full<Bytes>>;
+/// A request body the gateway forwards: the client's, streamed (and cut if it stalls), or
+/// a rewritten batch body.
+pub type UpBody =
+    Either<super::metered::Metered<super::stall::IdleBody<Incoming>>, http_body_util::Full<Bytes>>;
 
 /// What every upstream client shares, from the reloadable settings.
 #[derive(Debug, Clone)]

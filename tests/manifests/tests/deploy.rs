@@ -549,12 +549,7 @@ fn rbac_is_exactly_what_the_webhook_calls() {
         grants(role),
         expect(&[
             ("", "secrets", &["create"], "*"),
-            (
-                "",
-                "secrets",
-                &["get", "update", "patch"],
-                "egress-webhook-tls"
-            ),
+            ("", "secrets", &["get", "update"], "egress-webhook-tls"),
         ])
     );
     // The names the RBAC trusts are the names the webhook is told to use.
