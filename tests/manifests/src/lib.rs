@@ -101,6 +101,33 @@ pub fn render(dir: &Path) -> Result<Vec<Value>, String> {
     parse_documents(&text).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
+/// The YAML blocks of a doc that start with a `# dir/file` comment, as (path, text). A
+/// block indented under a list item loses the fence's indentation. Unreadable files read as
+/// empty; `doc` is relative to the repository root.
+pub fn doc_files(doc: &str) -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(repo_root().join(doc)).unwrap_or_default();
+    let mut files = Vec::new();
+    // The fence's indentation and the lines so far, inside a YAML block.
+    let mut block: Option<(usize, Vec<&str>)> = None;
+    for line in text.lines() {
+        let trimmed = line.trim();
+        let indent = line.len() - line.trim_start().len();
+        match &mut block {
+            None if trimmed == "```yaml" => block = Some((indent, Vec::new())),
+            None => {}
+            Some((_, lines)) if trimmed == "```" => {
+                let first = lines.first().and_then(|l| l.strip_prefix("# "));
+                if let Some(path) = first.filter(|p| p.contains('/') && !p.contains(' ')) {
+                    files.push((path.to_owned(), lines.join("\n") + "\n"));
+                }
+                block = None;
+            }
+            Some((fence, lines)) => lines.push(line.get(*fence..).unwrap_or("")),
+        }
+    }
+    files
+}
+
 /// Parses a multi-document YAML stream, skipping empty documents.
 pub fn parse_documents(text: &str) -> Result<Vec<Value>, String> {
     let mut docs = Vec::new();

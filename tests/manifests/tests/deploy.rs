@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use egress_gate_manifests::{
-    find, id, kustomizations, manifest_files, parse_file, render, repo_root, require,
+    doc_files, find, id, kustomizations, manifest_files, parse_file, render, repo_root, require,
 };
 use serde_json::{Value, json};
 
@@ -94,6 +94,12 @@ fn every_kustomization_renders_to_well_formed_unique_objects() {
         "deploy/examples/cnpg-legacy",
         "deploy/examples/namespace",
         "deploy/examples/velero",
+        "deploy/blob-gateway",
+        "deploy/blob-gateway/netpol/cilium",
+        "deploy/blob-gateway/netpol/kubernetes",
+        "deploy/examples/cnpg-blob-gateway",
+        "deploy/examples/cnpg-legacy-blob-gateway",
+        "deploy/examples/velero-blob-gateway",
     ] {
         assert!(
             names.iter().any(|n| n == expected),
@@ -1002,6 +1008,7 @@ fn every_kustomization_creates_the_namespaces_it_fills() {
             let onto_install = ns == NS
                 && (name.starts_with("deploy/netpol/")
                     || name.starts_with("deploy/identity/netpol/")
+                    || name.starts_with("deploy/blob-gateway")
                     || name == "deploy/monitoring");
             assert!(
                 created.contains(ns) || onto_install,
@@ -1078,28 +1085,6 @@ fn cert_manager_overlay_serves_mounted_files_with_less_rbac() {
     );
     assert!(find(&docs, "Role", "egress-webhook").is_err());
     assert!(find(&docs, "RoleBinding", "egress-webhook").is_err());
-}
-
-/// The YAML blocks of a doc that start with a `# dir/file` comment, as (path, text).
-fn doc_files(doc: &str) -> Vec<(String, String)> {
-    let text = std::fs::read_to_string(repo_root().join(doc)).unwrap();
-    let mut files = Vec::new();
-    let mut block: Option<Vec<&str>> = None;
-    for line in text.lines() {
-        match (&mut block, line.trim_end()) {
-            (None, "```yaml") => block = Some(Vec::new()),
-            (Some(lines), "```") => {
-                let first = lines.first().and_then(|l| l.strip_prefix("# "));
-                if let Some(path) = first.filter(|p| p.contains('/') && !p.contains(' ')) {
-                    files.push((path.to_owned(), lines.join("\n") + "\n"));
-                }
-                block = None;
-            }
-            (Some(lines), _) => lines.push(line),
-            (None, _) => {}
-        }
-    }
-    files
 }
 
 #[test]
