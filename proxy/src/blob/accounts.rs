@@ -12,6 +12,7 @@ use super::rewrite::Upstream;
 use super::shared_key::AccountKey;
 use super::upstream::{Client, ClientSettings};
 use crate::config::BlobConfig;
+use crate::identity::WorkloadSelector;
 
 /// Why the `blob:` section could not be put into service; names the field.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,8 @@ pub struct Account {
     pub upstream: Upstream,
     /// Pooled connections to the real account, dialled through the policy.
     pub client: Client,
+    /// `from:`: which workloads may use the account besides holding its key; empty: any.
+    pub from: Vec<WorkloadSelector>,
 }
 
 /// Every virtual account by name.
@@ -74,6 +77,7 @@ impl Accounts {
                 scope,
                 upstream,
                 client,
+                from: a.from.clone(),
             };
             by_name.insert(a.name.clone(), Arc::new(account));
         }

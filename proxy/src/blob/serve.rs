@@ -17,14 +17,21 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OnceCell;
 
 use super::accounts::Account;
 use super::batch::{self, BatchError, MAX_BATCH_BODY, PartCheck};
 use super::metered::Metered;
 use super::operation::{Operation, classify};
 use super::shared_key::{self, verify};
+use crate::identity::config::admits;
+use crate::identity::{Caller, Unidentified};
 use crate::metrics::BlobLabels;
 use crate::state::Shared;
+
+/// `x-ms-error-code` of a refusal by identity: Azure's own code for a request its
+/// authorization rules refuse (a firewall or network rule), which is what this is.
+const IDENTITY_ERROR_CODE: &str = "AuthorizationFailure";
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) and `Expect`: they describe the client's
 /// connection to the gateway, which answers `100 Continue` itself, not the upstream leg.
@@ -50,9 +57,13 @@ where
 {
     let head_timeout = shared.live().head_timeout;
     let svc_shared = shared.clone();
+    // Who is calling, asked once per connection: a connection stays with the pod that
+    // opened it even if its address passes to another pod meanwhile.
+    let caller = Arc::new(OnceCell::new());
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(request(req, peer, &shared).await) }
+        let caller = caller.clone();
+        async move { Ok::<_, Infallible>(request(req, peer, &shared, &caller).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -96,6 +107,8 @@ struct Entry {
     client: SocketAddr,
     /// When the request head was complete.
     start: Instant,
+    /// Who is calling, when identity is on.
+    caller: Option<Caller>,
 }
 
 /// A refusal or failure: status, `x-ms-error-code`, short reason, sentence.
@@ -126,6 +139,7 @@ async fn request(
     req: Request<Incoming>,
     peer: SocketAddr,
     shared: &Arc<Shared>,
+    caller: &OnceCell<Caller>,
 ) -> Response<DownBody> {
     let mut entry = Entry {
         account: "-".into(),
@@ -136,9 +150,10 @@ async fn request(
         upstream_status: None,
         client: peer,
         start: Instant::now(),
+        caller: None,
     };
     let up = Arc::new(AtomicU64::new(0));
-    let result = forward(req, shared, &mut entry, &up).await;
+    let result = forward(req, shared, &mut entry, &up, caller).await;
     let response = match result {
         Ok(r) => r,
         Err(refuse) => {
@@ -161,6 +176,7 @@ async fn forward(
     shared: &Shared,
     entry: &mut Entry,
     up: &Arc<AtomicU64>,
+    caller: &OnceCell<Caller>,
 ) -> Result<Response<Either<Incoming, Full<Bytes>>>, Refuse> {
     let live = shared.live();
     let accounts = live.blob.clone().ok_or_else(|| Refuse {
@@ -189,6 +205,7 @@ async fn forward(
     let now = SystemTime::now();
     verify(&parts, &name, &account.client_key, now)
         .map_err(|e| Refuse::forbidden(e.error_code(), e.reason(), e.to_string()))?;
+    check_workload(shared, &name, &account, caller, entry).await?;
     let classified = classify(&parts, &name)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
     entry.operation = classified.operation.name();
@@ -234,6 +251,65 @@ async fn forward(
         })?;
     entry.upstream_status = Some(response.status().as_u16());
     Ok(response.map(Either::Left))
+}
+
+/// The second factor beside the key, when identity is on: the calling pod must be one the
+/// account's `from:` admits, with the same meaning as an allow rule's (`identity.unidentified:
+/// deny` refuses a caller that is not one pod on every account; an account with `from:`
+/// refuses it always).
+async fn check_workload(
+    shared: &Shared,
+    name: &str,
+    account: &Account,
+    caller: &OnceCell<Caller>,
+    entry: &mut Entry,
+) -> Result<(), Refuse> {
+    // Without identity no account has from: (the configuration is refused).
+    let Some(identities) = &shared.identity else {
+        return Ok(());
+    };
+    if shared.identity_pending() {
+        return Err(Refuse {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "ServerBusy",
+            reason: "identity-not-synced",
+            message: "the gateway has not listed the cluster's pods yet; retry shortly".into(),
+        });
+    }
+    let caller = caller
+        .get_or_init(|| identities.identify(entry.client.ip()))
+        .await;
+    entry.caller = Some(caller.clone());
+    let pod = caller.pod();
+    if pod.is_none() && identities.unidentified() == Unidentified::Deny {
+        return Err(Refuse::forbidden(
+            IDENTITY_ERROR_CODE,
+            "unidentified",
+            format!(
+                "the gateway cannot tell which pod is calling from {} (identity: {}), and identity.unidentified is deny",
+                entry.client.ip(),
+                caller.kind()
+            ),
+        ));
+    }
+    if admits(&account.from, pod) {
+        return Ok(());
+    }
+    Err(Refuse::forbidden(
+        IDENTITY_ERROR_CODE,
+        "workload-not-allowed",
+        match pod {
+            Some(pod) => format!(
+                "pod {}/{} (service account {}) is not among the workloads account {name} admits (from:)",
+                pod.namespace, pod.name, pod.service_account
+            ),
+            None => format!(
+                "account {name} admits only identified workloads (from:), and the caller from {} is not one pod (identity: {})",
+                entry.client.ip(),
+                caller.kind()
+            ),
+        },
+    ))
 }
 
 /// Reads a batch body (bounded), checks, rewrites and re-signs every part.
@@ -332,6 +408,9 @@ fn finish(entry: &Entry, bytes_up: u64, bytes_down: u64, shared: &Shared) {
         bytes_down,
         latency_ms = entry.start.elapsed().as_secs_f64() * 1000.0,
         client = %entry.client,
+        identity = entry.caller.as_ref().map_or("-", Caller::kind),
+        src_namespace = entry.caller.as_ref().and_then(Caller::pod).map_or("-", |p| &*p.namespace),
+        src_pod = entry.caller.as_ref().and_then(Caller::pod).map_or("-", |p| &*p.name),
         "blob request"
     );
     let m = &shared.metrics;
