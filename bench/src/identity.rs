@@ -138,7 +138,10 @@ pub async fn run(args: IdentityArgs) -> anyhow::Result<()> {
     create_pod(&pods, GENERATOR_POD, "bench", &[]).await?;
     set_ip(&pods, GENERATOR_POD, "127.0.0.1").await?;
 
-    let off = start_proxy(&args, "identity-off", "", None).await?;
+    // Each proxy dials a sink of its own: sharing one, the second measured would inherit
+    // the first's thousands of TIME_WAIT connections to the same address and port.
+    let own_sink = Sink::start()?;
+    let off = start_proxy(&args, "identity-off", args.sink, "", None).await?;
     let identity = format!("identity:\n  namespaces: [{ns}]\n  unknownWait: 2s\n",);
     let from = format!(
         "    from:\n      - namespaces: [{ns}]\n        podLabels: {{cnpg.io/cluster: bench}}\n"
@@ -146,6 +149,7 @@ pub async fn run(args: IdentityArgs) -> anyhow::Result<()> {
     let on = start_proxy(
         &args,
         "identity-on",
+        own_sink.addr,
         &identity,
         Some((&from, api.kubeconfig())),
     )
@@ -180,12 +184,16 @@ pub async fn run(args: IdentityArgs) -> anyhow::Result<()> {
         (rss1 - rss0) * 1024.0 / f64::from(args.pods),
     );
 
-    // Setup rate and one-worker p50, off and on alternated, so load drifting on a shared
-    // machine affects both alike.
+    // Setup rate and one-worker p50, off and on alternated (and which goes first too), so
+    // load drifting on a shared machine affects both alike.
     let mut samples: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     for r in 0..args.runs {
-        for (name, proxy) in [("off", &off), ("on", &on)] {
-            let run_args = run_args(&args, proxy, name);
+        let mut order = [("off", &off, args.sink), ("on", &on, own_sink.addr)];
+        if r % 2 == 1 {
+            order.reverse();
+        }
+        for (name, proxy, sink) in order {
+            let run_args = run_args(&args, proxy, sink, name);
             let (rate, _) = setups(&run_args, args.workers)
                 .await
                 .with_context(|| format!("identity {name}: setup rate, run {}", r + 1))?;
@@ -226,7 +234,7 @@ pub async fn run(args: IdentityArgs) -> anyhow::Result<()> {
     if let Some(load) = procfs::loadavg_1m() {
         fig.insert("loadavg_1m_at_end".into(), load);
     }
-    drop((off, on));
+    drop((off, on, own_sink));
 
     let markdown = table(&args, &fig);
     println!("{markdown}");
@@ -247,10 +255,10 @@ fn ms(us: f64) -> f64 {
 }
 
 /// The setup scenarios' arguments for one proxy.
-fn run_args(args: &IdentityArgs, proxy: &ProxyProcess, name: &str) -> RunArgs {
+fn run_args(args: &IdentityArgs, proxy: &ProxyProcess, sink: SocketAddr, name: &str) -> RunArgs {
     RunArgs {
         name: format!("identity-{name}"),
-        sink: args.sink,
+        sink,
         proxy: Some(proxy.addr),
         proxy_pid: Some(proxy.pid()),
         sink_pid: None,
@@ -259,6 +267,44 @@ fn run_args(args: &IdentityArgs, proxy: &ProxyProcess, name: &str) -> RunArgs {
         scale: Vec::new(),
         workers: args.workers,
         out: PathBuf::new(),
+    }
+}
+
+/// A second sink process (this binary's `sink`), killed on drop.
+struct Sink {
+    /// The process.
+    child: Child,
+    /// Where it listens.
+    addr: SocketAddr,
+}
+
+impl Sink {
+    fn start() -> anyhow::Result<Self> {
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("sink")
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("start a second sink")?;
+        let mut line = String::new();
+        if let Some(out) = child.stdout.take() {
+            std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+        }
+        let addr = line
+            .strip_prefix("listening ")
+            .and_then(|a| a.trim().parse().ok());
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("the second sink said {line:?}, not `listening ADDR`");
+        };
+        Ok(Self { child, addr })
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -274,11 +320,12 @@ fn free_port() -> anyhow::Result<u16> {
 async fn start_proxy(
     args: &IdentityArgs,
     name: &str,
+    sink: SocketAddr,
     extra: &str,
     identity: Option<(&str, &Path)>,
 ) -> anyhow::Result<ProxyProcess> {
     let (port, admin_port) = (free_port()?, free_port()?);
-    let sink_port = args.sink.port();
+    let sink_port = sink.port();
     let host = &args.host;
     let from = identity.map_or("", |(from, _)| from);
     let yaml = format!(
