@@ -12,6 +12,11 @@
 #   BENCH_RUNS=N    repetitions per path (default 3) for min/median/max
 #   BENCH_SCALE=L   open-tunnel levels of the scale curve (default 100,1000,8000)
 #   PROXY_WORKERS=N egress-proxy's worker threads (default 1, as under a 1-CPU limit)
+#   BENCH_IDENTITY_PODS=N pods indexed in the identity scenario (default 50000; quick: 500)
+#
+# Then workload identity off vs on (issue 14): two more egress-proxy processes and a real
+# etcd + kube-apiserver (tests/apiserver) loaded with the pods; target/bench/identity.json
+# and identity.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -299,3 +304,13 @@ for n in "${notes[@]}"; do args+=(--note "$n"); done
 "$bin/egress-bench" report "$out"/runs/*.json "${args[@]}"
 "$bin/egress-bench" plot --in "$out/proxy.json"
 echo "bench-proxy: wrote $out/proxy.json, proxy.md and proxy-*.png" >&2
+
+if [[ $quick == 1 ]]; then
+  id_args=(--pods "${BENCH_IDENTITY_PODS:-500}" --seconds "$secs" --runs 1 --samples 20)
+else
+  id_args=(--pods "${BENCH_IDENTITY_PODS:-50000}" --seconds "$secs" --runs "$runs" --samples 200)
+fi
+"$bin/egress-bench" identity --proxy-bin "$bin/egress-proxy" --sink "$sink" \
+  --proxy-workers "${PROXY_WORKERS:-1}" --dir "$out/identity" \
+  --out "$out/identity.json" --markdown "$out/identity.md" "${id_args[@]}"
+echo "bench-proxy: wrote $out/identity.json and identity.md" >&2

@@ -44,6 +44,12 @@ git ls-files -z --cached --others --exclude-standard |
   tar --null -T - --ignore-failed-read -cf - 2>/dev/null | tar -xf - -C "$co"
 say "work tree copied to $co (under a 0700 folder)"
 
+# The copy has no ../shared beside it: the benchmark's identity scenario takes the
+# kube-apiserver binary from beside this checkout.
+if [[ -z ${KUBE_APISERVER:-} && -e ../shared/bin/kube-apiserver.xz ]]; then
+  KUBE_APISERVER=$(realpath ../shared/bin/kube-apiserver.xz)
+  export KUBE_APISERVER
+fi
 bench_dirs() { find /tmp -maxdepth 1 -name 'egress-bench-*' | sort; } # see peer_rundir
 before=$(bench_dirs)
 t0=$SECONDS

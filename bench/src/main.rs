@@ -1,11 +1,13 @@
 //! `egress-bench`: the load generator behind `make bench` (issue 7). Commands: `sink` (the
 //! destination: discards or echoes), `run` (the scenarios against one path: direct, or
-//! through a CONNECT proxy), `report` (min/median/max over runs, ratios, Markdown and JSON)
-//! and `plot` (PNG curves from a benchmark's JSON); `blob` holds the blob gateway's
-//! benchmark (issue 13). It measures and never asserts on speed.
+//! through a CONNECT proxy), `identity` (workload identity off vs on against a real
+//! kube-apiserver), `report` (min/median/max over runs, ratios, Markdown and JSON) and
+//! `plot` (PNG curves from a benchmark's JSON); `blob` holds the blob gateway's benchmark
+//! (issue 13). It measures and never asserts on speed.
 #![forbid(unsafe_code)]
 
 mod blob;
+mod identity;
 mod plot;
 mod procfs;
 mod report;
@@ -40,6 +42,8 @@ enum Cmd {
     },
     /// Runs every scenario against one path and writes one JSON result.
     Run(scenarios::RunArgs),
+    /// Workload identity off vs on, with a real kube-apiserver's pods indexed.
+    Identity(identity::IdentityArgs),
     /// Combines results into target/bench/proxy.json and a Markdown table.
     Report(report::ReportArgs),
     /// Draws PNG curves next to a benchmark's JSON (proxy.json or webhook.json).
@@ -64,6 +68,7 @@ fn main() -> anyhow::Result<()> {
     match cli.cmd {
         Cmd::Sink { listen } => rt()?.block_on(sink::serve(listen)),
         Cmd::Run(args) => rt()?.block_on(scenarios::run(args)),
+        Cmd::Identity(args) => rt()?.block_on(identity::run(args)),
         Cmd::Report(args) => report::report(&args),
         Cmd::Plot { input } => {
             for png in plot::plot(&input)? {

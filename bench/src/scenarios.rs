@@ -248,7 +248,7 @@ async fn bulk(args: &RunArgs, n: usize, fig: &mut BTreeMap<String, f64>) -> anyh
 
 /// Tunnel setups per second (connect + CONNECT + one round trip + close) with `workers`
 /// concurrent loops; returns (rate, sorted setup latencies). Fails if none succeeded.
-async fn setups(args: &RunArgs, workers: usize) -> anyhow::Result<(f64, Vec<Duration>)> {
+pub(crate) async fn setups(args: &RunArgs, workers: usize) -> anyhow::Result<(f64, Vec<Duration>)> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs_f64(args.seconds);
     let mut tasks = JoinSet::new();

@@ -13,7 +13,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 
 use crate::blob::operation::Permission;
-use crate::identity::{IdentityConfig, config::validate_from};
+use crate::identity::{IdentityConfig, WorkloadSelector, config::validate_from};
 use crate::per_source::PerSourceConfig;
 use crate::policy::{AllowRule, DEFAULT_PORT, HostPattern, Policy, normalize_name};
 
@@ -198,6 +198,10 @@ pub struct BlobAccountConfig {
     pub permissions: Vec<Permission>,
     /// The real account behind it.
     pub upstream: BlobUpstreamConfig,
+    /// Which workloads may use the account, as an allow rule's `from:` (identity as a second
+    /// factor beside the client key); empty: any holder of the key.
+    #[serde(default)]
+    pub from: Vec<WorkloadSelector>,
 }
 
 /// The real storage account a virtual one is served from.
@@ -680,6 +684,10 @@ impl Config {
         }
         if let Some(blob) = &self.blob {
             blob.validate()?;
+            for (i, a) in blob.accounts.iter().enumerate() {
+                validate_from(&a.from, self.identity.as_ref())
+                    .map_err(|(field, m)| invalid(format!("blob.accounts[{i}].{field}"), m))?;
+            }
         }
         self.per_source
             .validate()

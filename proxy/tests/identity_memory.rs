@@ -1,5 +1,6 @@
 //! What the identity index costs per pod: the process's resident memory with 50,000
-//! CNPG-like pods indexed, against the same process before (issue 14: at most 1 KiB a pod).
+//! CNPG-like pods indexed, against the same process before (issue 14: at most 1 KiB a pod;
+//! 884 bytes measured with the slim wire type, packed labels and inline claimants).
 //! A measurement, not a pass/fail on a shared machine's timing: run it alone with
 //! `cargo test --release -p egress-proxy --test identity_memory -- --ignored --nocapture`.
 #![allow(clippy::unwrap_used)]
@@ -8,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use egress_proxy::identity::index::{IndexFeeder, PodEvent, SlimPod};
 use egress_proxy::identity::watch::slim;
-use k8s_openapi::api::core::v1::Pod;
+use egress_proxy::identity::wire::WatchedPod;
 
 /// Pods indexed, as the issue's benchmark asks.
 const PODS: u32 = 50_000;
@@ -23,7 +24,8 @@ fn rss_kib() -> u64 {
 }
 
 /// A pod as CNPG creates it (about ten labels, a generated name, one address), as the API
-/// server would send it, reduced by the watch's own projection.
+/// server would send it (with the fields the watch skips), read and reduced by the watch's
+/// own code.
 fn cnpg_pod(i: u32) -> SlimPod {
     let cluster = format!("pg-{}", i / 3);
     let role = if i.is_multiple_of(3) {
@@ -32,7 +34,7 @@ fn cnpg_pod(i: u32) -> SlimPod {
         "replica"
     };
     let instance = format!("{cluster}-{}", i % 3 + 1);
-    let pod: Pod = serde_json::from_value(serde_json::json!({
+    let json = serde_json::json!({
         "metadata": {
             "uid": format!("{:08x}-1c2d-4e5f-8a9b-{:012x}", i, u64::from(i) * 7919),
             "namespace": format!("db-{}", i / 300),
@@ -49,14 +51,15 @@ fn cnpg_pod(i: u32) -> SlimPod {
                 "cnpg.io/jobRole": "none"
             }
         },
-        "spec": {"serviceAccountName": cluster, "containers": [{"name": "postgres"}]},
+        "spec": {"serviceAccountName": cluster, "containers": [{"name": "postgres", "image": "ghcr.io/cloudnative-pg/postgresql:17"}]},
         "status": {
             "phase": "Running",
             "podIPs": [{"ip": IpAddr::V4(Ipv4Addr::from(0x0af4_0000 + i)).to_string()}],
             "hostIPs": [{"ip": IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i / 30)).to_string()}]
         }
-    }))
-    .unwrap();
+    })
+    .to_string();
+    let pod: WatchedPod = serde_json::from_str(&json).unwrap();
     slim(pod).unwrap()
 }
 
@@ -79,5 +82,10 @@ fn index_memory_per_pod() {
     assert!(
         per_pod > 0,
         "the index must cost something; RSS did not move"
+    );
+    // Memory, not timing: the same on any machine with the same allocator.
+    assert!(
+        per_pod <= 1024,
+        "the index costs {per_pod} bytes a pod; issue 14 allows 1 KiB"
     );
 }

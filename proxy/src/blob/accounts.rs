@@ -17,6 +17,7 @@ use super::upstream::{Client, ClientSettings};
 use super::upstream_auth::UpstreamAuth;
 use super::workload_identity::WorkloadIdentity;
 use crate::config::{BlobConfig, BlobUpstreamConfig};
+use crate::identity::WorkloadSelector;
 
 /// Why the `blob:` section could not be put into service; names the field.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,8 @@ pub struct Account {
     pub auth: UpstreamAuth,
     /// Pooled connections to the real account, dialled through the policy.
     pub client: Client,
+    /// `from:`: which workloads may use the account besides holding its key; empty: any.
+    pub from: Vec<WorkloadSelector>,
 }
 
 /// Every virtual account by name.
@@ -83,6 +86,7 @@ impl Accounts {
                 upstream,
                 auth,
                 client,
+                from: a.from.clone(),
             };
             by_name.insert(a.name.clone(), Arc::new(account));
         }

@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::OnceCell;
 
 use super::accounts::Account;
 use super::attempt::{self, Attempt, token_refusal};
@@ -25,8 +26,14 @@ use super::operation::{Operation, classify};
 use super::sas::{self, Grant, SasError, Transport};
 use super::shared_key::{self, verify};
 use super::stall::{IdleBody, Progress, Stall};
+use crate::identity::config::admits;
+use crate::identity::{Caller, Unidentified};
 use crate::metrics::BlobLabels;
 use crate::state::Shared;
+
+/// `x-ms-error-code` of a refusal by identity: Azure's own code for a request its
+/// authorization rules refuse (a firewall or network rule), which is what this is.
+const IDENTITY_ERROR_CODE: &str = "AuthorizationFailure";
 
 /// Hop-by-hop headers (RFC 9110 section 7.6.1) and `Expect`: they describe the client's
 /// connection to the gateway, which answers `100 Continue` itself, not the upstream leg.
@@ -53,9 +60,13 @@ where
 {
     let head_timeout = shared.live().head_timeout;
     let svc_shared = shared.clone();
+    // Who is calling, asked once per connection: a connection stays with the pod that
+    // opened it even if its address passes to another pod meanwhile.
+    let caller = Arc::new(OnceCell::new());
     let service = service_fn(move |req| {
         let shared = svc_shared.clone();
-        async move { Ok::<_, Infallible>(request(req, peer, transport, &shared).await) }
+        let caller = caller.clone();
+        async move { Ok::<_, Infallible>(request(req, peer, transport, &shared, &caller).await) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
@@ -99,6 +110,8 @@ struct Entry {
     client: SocketAddr,
     /// When the request head was complete.
     start: Instant,
+    /// Who is calling, when identity is on.
+    caller: Option<Caller>,
 }
 
 /// A refusal or failure: status, `x-ms-error-code`, short reason, sentence.
@@ -130,6 +143,7 @@ async fn request(
     peer: SocketAddr,
     transport: Transport,
     shared: &Arc<Shared>,
+    caller: &OnceCell<Caller>,
 ) -> Response<DownBody> {
     let mut entry = Entry {
         account: "-".into(),
@@ -140,6 +154,7 @@ async fn request(
         upstream_status: None,
         client: peer,
         start: Instant::now(),
+        caller: None,
     };
     let up = Arc::new(AtomicU64::new(0));
     // Without a `blob:` section the request is refused before any body is read.
@@ -151,7 +166,7 @@ async fn request(
             a.body_idle_timeout
         });
     let progress = Arc::new(Progress::new(limit));
-    let result = forward(req, transport, shared, &mut entry, &up, &progress).await;
+    let result = forward(req, transport, shared, &mut entry, &up, &progress, caller).await;
     let response = match result {
         Ok(r) => r,
         Err(refuse) => {
@@ -181,6 +196,7 @@ async fn forward(
     entry: &mut Entry,
     up: &Arc<AtomicU64>,
     progress: &Arc<Progress>,
+    caller: &OnceCell<Caller>,
 ) -> Result<Response<Either<IdleBody<Incoming>, Full<Bytes>>>, Refuse> {
     let live = shared.live();
     let accounts = live.blob.clone().ok_or_else(|| Refuse {
@@ -209,6 +225,7 @@ async fn forward(
     entry.account = name.clone();
     let now = SystemTime::now();
     let sas = authenticate(&parts, &name, &account, transport, entry.client, now)?;
+    check_workload(shared, &name, &account, caller, entry).await?;
     let classified = classify(&parts, &name)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
     entry.operation = classified.operation.name();
@@ -247,6 +264,65 @@ async fn forward(
     entry.upstream_status = Some(response.status().as_u16());
     let progress = progress.clone();
     Ok(response.map(|body| Either::Left(IdleBody::response(body, progress))))
+}
+
+/// The second factor beside the key, when identity is on: the calling pod must be one the
+/// account's `from:` admits, with the same meaning as an allow rule's (`identity.unidentified:
+/// deny` refuses a caller that is not one pod on every account; an account with `from:`
+/// refuses it always).
+async fn check_workload(
+    shared: &Shared,
+    name: &str,
+    account: &Account,
+    caller: &OnceCell<Caller>,
+    entry: &mut Entry,
+) -> Result<(), Refuse> {
+    // Without identity no account has from: (the configuration is refused).
+    let Some(identities) = &shared.identity else {
+        return Ok(());
+    };
+    if shared.identity_pending() {
+        return Err(Refuse {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "ServerBusy",
+            reason: "identity-not-synced",
+            message: "the gateway has not listed the cluster's pods yet; retry shortly".into(),
+        });
+    }
+    let caller = caller
+        .get_or_init(|| identities.identify(entry.client.ip()))
+        .await;
+    entry.caller = Some(caller.clone());
+    let pod = caller.pod();
+    if pod.is_none() && identities.unidentified() == Unidentified::Deny {
+        return Err(Refuse::forbidden(
+            IDENTITY_ERROR_CODE,
+            "unidentified",
+            format!(
+                "the gateway cannot tell which pod is calling from {} (identity: {}), and identity.unidentified is deny",
+                entry.client.ip(),
+                caller.kind()
+            ),
+        ));
+    }
+    if admits(&account.from, pod) {
+        return Ok(());
+    }
+    Err(Refuse::forbidden(
+        IDENTITY_ERROR_CODE,
+        "workload-not-allowed",
+        match pod {
+            Some(pod) => format!(
+                "pod {}/{} (service account {}) is not among the workloads account {name} admits (from:)",
+                pod.namespace, pod.name, pod.service_account
+            ),
+            None => format!(
+                "account {name} admits only identified workloads (from:), and the caller from {} is not one pod (identity: {})",
+                entry.client.ip(),
+                caller.kind()
+            ),
+        },
+    ))
 }
 
 /// Shared Key when the request has an `Authorization` header; otherwise a service SAS
@@ -360,6 +436,9 @@ fn finish(entry: &Entry, bytes_up: u64, bytes_down: u64, shared: &Shared) {
         bytes_down,
         latency_ms = entry.start.elapsed().as_secs_f64() * 1000.0,
         client = %entry.client,
+        identity = entry.caller.as_ref().map_or("-", Caller::kind),
+        src_namespace = entry.caller.as_ref().and_then(Caller::pod).map_or("-", |p| &*p.namespace),
+        src_pod = entry.caller.as_ref().and_then(Caller::pod).map_or("-", |p| &*p.name),
         "blob request"
     );
     let m = &shared.metrics;

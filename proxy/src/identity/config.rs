@@ -7,7 +7,7 @@ use std::fmt;
 use serde::Deserialize;
 
 use crate::config::HumanDuration;
-use crate::identity::index::PodLabels;
+use crate::identity::index::{PodLabels, SlimPod};
 use crate::identity::labels::{
     LabelRequirement, parse_selector, validate_dns_label, validate_dns_subdomain,
     validate_label_key, validate_label_value,
@@ -171,6 +171,17 @@ impl WorkloadSelector {
         }
         Ok(())
     }
+}
+
+/// Whether a `from:` list admits `caller` (`None`: not identified as one pod): an empty
+/// list admits every client; otherwise some entry must select the pod. Fail-closed: a list
+/// never admits an unidentified caller.
+pub fn admits(from: &[WorkloadSelector], caller: Option<&SlimPod>) -> bool {
+    from.is_empty()
+        || caller.is_some_and(|pod| {
+            from.iter()
+                .any(|f| f.matches(&pod.namespace, &pod.labels, &pod.service_account))
+        })
 }
 
 /// Checks a rule's `from:` list against the `identity:` section; the error's field is

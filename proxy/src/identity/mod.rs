@@ -4,6 +4,7 @@
 //! - [`labels`]: Kubernetes names and equality-based label selectors;
 //! - [`index`]: source address -> pod, fed by watch events (pure);
 //! - [`watch`]: the kube-rs pod watch feeding the index, and readiness;
+//! - [`wire`]: the slim pod type the watch deserialises (never the full `Pod`);
 //! - [`metrics`]: the identity gauges, fixed cardinality.
 //!
 //! The blob gateway's virtual accounts are meant to take the same `from:` list, as a second
@@ -20,6 +21,7 @@ pub mod index;
 pub mod labels;
 pub mod metrics;
 pub mod watch;
+pub mod wire;
 
 pub use config::{IdentityConfig, Unidentified, WorkloadSelector};
 pub use index::{IndexFeeder, Lookup, PodEvent, PodIndex, SlimPod};

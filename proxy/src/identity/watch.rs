@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -22,6 +21,7 @@ use tokio::task::AbortHandle;
 use super::config::{IdentityConfig, Unidentified};
 use super::index::{Applied, IndexFeeder, Lookup, Phase, PodEvent, SlimPod, shared_key};
 use super::metrics::{IdentityMetrics, LookupLabel};
+use super::wire::WatchedPod;
 
 /// Pods per LIST page on a relist: client-go's and kube-rs's default, so a 50,000-pod relist
 /// is a hundred requests of bounded size.
@@ -143,7 +143,7 @@ impl Identities {
         inner.metrics.synced.set(0);
         let mut tasks = Vec::new();
         for (i, namespace) in namespaces.into_iter().enumerate() {
-            let api: Api<Pod> = match &namespace {
+            let api: Api<WatchedPod> = match &namespace {
                 Some(ns) => Api::namespaced(client.clone(), ns),
                 None => Api::all(client.clone()),
             };
@@ -266,7 +266,7 @@ impl Identities {
             .fields(&format!("status.podIP={ip},{NOT_HOST_NETWORK}"));
         let mut found: Vec<SlimPod> = Vec::new();
         for scope in &self.inner.scopes {
-            let api: Api<Pod> = match &scope.namespace {
+            let api: Api<WatchedPod> = match &scope.namespace {
                 Some(ns) => Api::namespaced(self.inner.client.clone(), ns),
                 None => Api::all(self.inner.client.clone()),
             };
@@ -389,7 +389,7 @@ impl Inner {
 /// Feeds one scope's index from its watch stream until the task is aborted.
 async fn run_scope<S>(inner: Arc<Inner>, i: usize, stream: S)
 where
-    S: futures_util::Stream<Item = watcher::Result<Event<Pod>>> + Send,
+    S: futures_util::Stream<Item = watcher::Result<Event<WatchedPod>>> + Send,
 {
     let Some(scope) = inner.scopes.get(i) else {
         return;
@@ -432,7 +432,7 @@ where
 
 /// A watch event in the index's terms; `None` for an object without the identity it needs
 /// (no UID or namespace), which the API server never sends for a pod.
-fn project(event: Event<Pod>) -> Option<PodEvent> {
+fn project(event: Event<WatchedPod>) -> Option<PodEvent> {
     Some(match event {
         Event::Init => PodEvent::Init,
         Event::InitDone => PodEvent::InitDone,
@@ -442,11 +442,10 @@ fn project(event: Event<Pod>) -> Option<PodEvent> {
     })
 }
 
-/// Keeps the few fields the proxy needs; the rest of the object is dropped here.
-pub fn slim(pod: Pod) -> Option<SlimPod> {
+/// The index's view of a pod read off the wire.
+pub fn slim(pod: WatchedPod) -> Option<SlimPod> {
     let meta = pod.metadata;
-    let spec = pod.spec.unwrap_or_default();
-    let status = pod.status.unwrap_or_default();
+    let (spec, status) = (pod.spec, pod.status);
     // A host-network pod has its node's address; the field selector keeps them out, and
     // this keeps one from claiming an address should it get through anyway.
     let ips = if spec.host_network == Some(true) {
@@ -510,7 +509,7 @@ mod tests {
 
     #[test]
     fn projection_keeps_identity_and_addresses() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
+        let pod: WatchedPod = serde_json::from_value(serde_json::json!({
             "metadata": {"uid": "u1", "namespace": "db-a", "name": "pg-a-1",
                          "labels": {"cnpg.io/cluster": "pg-a"},
                          "deletionTimestamp": "2026-01-01T00:00:00Z"},
@@ -532,7 +531,7 @@ mod tests {
         assert_eq!(p.phase, Phase::Running);
         assert!(p.terminating);
 
-        let host: Pod = serde_json::from_value(serde_json::json!({
+        let host: WatchedPod = serde_json::from_value(serde_json::json!({
             "metadata": {"uid": "u2", "namespace": "kube-system", "name": "node-agent"},
             "spec": {"hostNetwork": true, "containers": []},
             "status": {"phase": "Running", "podIP": "10.1.0.4"}
@@ -541,7 +540,7 @@ mod tests {
         let p = slim(host).unwrap();
         assert!(p.ips.is_empty());
         assert_eq!(&*p.service_account, "default");
-        let no_uid: Pod =
+        let no_uid: WatchedPod =
             serde_json::from_value(serde_json::json!({"metadata": {"name": "x"}})).unwrap();
         assert!(slim(no_uid).is_none());
     }
