@@ -258,8 +258,10 @@ fn reload(args: &Args, started: &Config, handle: &Handle) -> Option<Config> {
     let next = match args.load() {
         Ok(c) => c,
         Err(e) => {
-            tracing::error!("reload rejected, keeping the running configuration: {e}");
+            // Counted before the line is logged: a watcher of the log (a test, an operator's
+            // tail) that then reads the metrics sees the failure counted.
             handle.reload_failed();
+            tracing::error!("reload rejected, keeping the running configuration: {e}");
             return None;
         }
     };
