@@ -216,6 +216,7 @@ async fn forward(
         .authorize(&classified)
         .map_err(|r| Refuse::forbidden(r.error_code(), r.reason(), r.to_string()))?;
     let is_batch = classified.operation == Operation::BlobBatch;
+    let container = classified.resource.container.to_owned();
     for header in HOP_BY_HOP {
         parts.headers.remove(header);
     }
@@ -229,6 +230,7 @@ async fn forward(
     let attempt = Attempt {
         template: &parts,
         name: &name,
+        container: &container,
         account: &account,
         replay: replay.as_ref(),
         up,
