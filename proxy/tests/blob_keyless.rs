@@ -374,16 +374,18 @@ async fn call(
     (status, r.text().await.unwrap())
 }
 
-/// A Blob Batch deleting `blobs` from `pgbackups`, every part signed with the client key as
-/// the SDK signs them.
-async fn batch_delete(gw: &Gateway, blobs: &[&str]) -> (u16, String) {
+/// A Blob Batch sent to `pgbackups` deleting the part paths `paths` (`/pg-prod/pgbackups/x`
+/// path style, or `/pgbackups/x` relative to the account, as azure-storage-blob sends them
+/// to a host other than localhost), every part signed with the client key as the SDK signs
+/// them.
+async fn batch_delete(gw: &Gateway, paths: &[&str]) -> (u16, String) {
     use egress_proxy::blob::batch::Batch;
     let boundary = "batch_6f1c2d4e";
     let date = httpdate::fmt_http_date(SystemTime::now());
     let mut body = String::new();
-    for (i, blob) in blobs.iter().enumerate() {
+    for (i, path) in paths.iter().enumerate() {
         body.push_str(&format!(
-            "--{boundary}\r\nContent-Type: application/http\r\nContent-ID: {i}\r\nContent-Transfer-Encoding: binary\r\n\r\nDELETE /pg-prod/pgbackups/{blob} HTTP/1.1\r\nx-ms-date: {date}\r\nContent-Length: 0\r\n\r\n\r\n"
+            "--{boundary}\r\nContent-Type: application/http\r\nContent-ID: {i}\r\nContent-Transfer-Encoding: binary\r\n\r\nDELETE {path} HTTP/1.1\r\nx-ms-date: {date}\r\nContent-Length: 0\r\n\r\n\r\n"
         ));
     }
     body.push_str(&format!("--{boundary}--\r\n"));
@@ -544,7 +546,7 @@ async fn workload_identity_against_oauth_azurite_refreshes_and_follows_the_token
     assert!(left > 0.0 && left <= 4.0, "seconds to expiry {left}");
 
     // barman's retention deletes through a Blob Batch: every part carries the bearer token.
-    let (s, t) = batch_delete(&gw, &["wal/0001"]).await;
+    let (s, t) = batch_delete(&gw, &["/pg-prod/pgbackups/wal/0001"]).await;
     assert_eq!(s, 202, "{t}");
     assert!(t.contains("HTTP/1.1 202"), "the part was accepted: {t}");
     let (s, _) = call(&gw, "GET", "/pg-prod/pgbackups/wal/0001", b"", &[]).await;
@@ -916,7 +918,7 @@ async fn sas_file_against_azurite_is_re_read_when_it_changes() {
     )
     .await;
     assert_eq!(s, 201, "{t}");
-    let (s, t) = batch_delete(&gw, &["base/old"]).await;
+    let (s, t) = batch_delete(&gw, &["/pg-prod/pgbackups/base/old"]).await;
     assert_eq!(s, 202, "{t}");
     assert!(t.contains("HTTP/1.1 202"), "the part was accepted: {t}");
     let (s, _) = call(&gw, "GET", "/pg-prod/pgbackups/base/old", b"", &[]).await;
@@ -980,4 +982,87 @@ fn a_bearer_mode_without_settings_exits_64_naming_the_field() {
             && stderr.contains("AZURE_CLIENT_ID"),
         "{stderr}"
     );
+}
+
+/// Blob Batch parts relative to the account (`/pgbackups/<blob>`, what azure-storage-blob
+/// sends through a Service name) through the gateway to a real Azurite that holds a key the
+/// client never sees: deleted like path-style parts, mixed in one batch too; a part for
+/// another container stops the whole batch before anything reaches Azurite.
+#[tokio::test]
+async fn shared_key_batch_with_account_relative_parts_against_azurite() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tls_pki = pki(&["127.0.0.1"]);
+    let Some(az) = azurite(d, &tls_pki).await else {
+        return;
+    };
+    std::fs::write(d.join("ca.pem"), &tls_pki.ca_pem).unwrap();
+    std::fs::write(d.join("real.key"), REAL_KEY).unwrap();
+    let gw = gateway(
+        d,
+        az.port,
+        &format!(
+            "        endpoint: https://127.0.0.1:{}/realacct\n        account: realacct\n        caFile: {}/ca.pem\n        sharedKeyFile: {}/real.key",
+            az.port,
+            d.display(),
+            d.display()
+        ),
+    )
+    .await;
+    let (s, t) = call(&gw, "PUT", "/pg-prod/pgbackups?restype=container", b"", &[]).await;
+    assert_eq!(s, 201, "{t}");
+    let blobs = [
+        "base/1/data.tar",
+        "base/1/backup.info",
+        "wal/0001",
+        "wal/0002",
+    ];
+    for blob in blobs {
+        let (s, t) = call(
+            &gw,
+            "PUT",
+            &format!("/pg-prod/pgbackups/{blob}"),
+            b"bytes",
+            &[("x-ms-blob-type", "BlockBlob")],
+        )
+        .await;
+        assert_eq!(s, 201, "{blob}: {t}");
+    }
+
+    // A part for another container, relative or path style: 403, nothing deleted.
+    for other in ["/velero/base/1/data.tar", "/pg-prod/velero/base/1/data.tar"] {
+        let (s, t) = batch_delete(&gw, &["/pgbackups/base/1/data.tar", other]).await;
+        assert_eq!(s, 403, "{other}: {t}");
+        assert!(t.contains("batch part 1"), "{t}");
+        let (s, _) = call(&gw, "GET", "/pg-prod/pgbackups/base/1/data.tar", b"", &[]).await;
+        assert_eq!(s, 200, "a refused batch deleted nothing");
+    }
+
+    // Relative parts, as the SDK sends them through a Service name.
+    let (s, t) = batch_delete(
+        &gw,
+        &[
+            "/pgbackups/base/1/data.tar",
+            "/pgbackups/base/1/backup.info",
+        ],
+    )
+    .await;
+    assert_eq!(s, 202, "{t}");
+    assert_eq!(
+        t.matches("HTTP/1.1 202").count(),
+        2,
+        "both parts accepted: {t}"
+    );
+    // One of each form in one batch.
+    let (s, t) = batch_delete(&gw, &["/pgbackups/wal/0001", "/pg-prod/pgbackups/wal/0002"]).await;
+    assert_eq!(s, 202, "{t}");
+    assert_eq!(
+        t.matches("HTTP/1.1 202").count(),
+        2,
+        "both parts accepted: {t}"
+    );
+    for blob in blobs {
+        let (s, _) = call(&gw, "GET", &format!("/pg-prod/pgbackups/{blob}"), b"", &[]).await;
+        assert_eq!(s, 404, "{blob} was deleted");
+    }
 }

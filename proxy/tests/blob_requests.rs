@@ -413,6 +413,7 @@ fn batch_parts_as_the_sdk_signed_them() {
     let scope = delete_scope(vec![Permission::Delete]);
     let check = PartCheck {
         virtual_account: "devstoreaccount1",
+        container: "batchcap",
         client_key: &f.key,
         scope: &scope,
         upstream: &upstream,
@@ -449,6 +450,7 @@ fn batch_through_the_gateway() {
     let scope = delete_scope(vec![Permission::Read, Permission::List, Permission::Delete]);
     let check = PartCheck {
         virtual_account: "pg-prod",
+        container: "batchcap",
         client_key: &client_key,
         scope: &scope,
         upstream: &upstream,
@@ -510,6 +512,153 @@ fn batch_through_the_gateway() {
     // The SDK's own signatures are for devstoreaccount1's key, not pg-prod's client key.
     let e = rewrite_body(f.body(), &f.content_type, &check).unwrap_err();
     assert_eq!(e.reason(), "wrong-account");
+}
+
+/// The same batch as azure-storage-blob sends it to a host other than `localhost` or
+/// `127.0.0.1` (a Service name): each part's path relative to the account
+/// (`/batchcap/...`), signed over `/pg-prod/batchcap/...`. It comes out exactly like the
+/// path-style batch: for the path-style upstream with the headers Azurite accepted, for a
+/// host-style account as `/batchcap/...` signed for the real account. A part for another
+/// container, in either form, stops the batch.
+#[test]
+fn batch_with_account_relative_part_paths() {
+    let f = batch_fixture();
+    let client_key = AccountKey::from_base64("Z2F0ZXdheS1vbmx5IGNsaWVudCBrZXk=").unwrap();
+    let boundary_text = boundary(&f.content_type).unwrap();
+    let signed = |body: String| {
+        let mut batch = Batch::parse(body.as_bytes(), &boundary_text).unwrap();
+        for part in &mut batch.parts {
+            sign(&mut part.request, "pg-prod", &client_key).unwrap();
+        }
+        batch.to_bytes()
+    };
+    let sdk_body = f.json["body"].as_str().unwrap();
+    let relative = signed(sdk_body.replace(" /devstoreaccount1/", " /"));
+    let parsed = Batch::parse(&relative, &boundary_text).unwrap();
+    assert!(parsed.parts[0].request.uri.path().starts_with("/batchcap/"));
+    let azurite = Upstream::new(
+        "http://127.0.0.1:47613/devstoreaccount1",
+        "devstoreaccount1",
+    )
+    .unwrap();
+    let scope = delete_scope(vec![Permission::Delete]);
+    let credential = Credential::SharedKey(f.key.clone());
+    let check = PartCheck {
+        virtual_account: "pg-prod",
+        container: "batchcap",
+        client_key: &client_key,
+        scope: &scope,
+        upstream: &azurite,
+        credential: &credential,
+        now: f.now,
+    };
+    let out = rewrite_body(&relative, &f.content_type, &check).unwrap();
+    assert_eq!(authorizations(&out, &f.content_type), f.accepted());
+    let path_style = signed(sdk_body.replace(" /devstoreaccount1/", " /pg-prod/"));
+    assert_eq!(
+        out,
+        rewrite_body(&path_style, &f.content_type, &check).unwrap()
+    );
+
+    // A host-style real account: the part keeps its account-relative path and is signed
+    // over /<real account>/<container>/<blob>.
+    let azure = Upstream::new(
+        "https://devstoreaccount1.blob.core.windows.net",
+        "devstoreaccount1",
+    )
+    .unwrap();
+    let out = rewrite_body(
+        &relative,
+        &f.content_type,
+        &PartCheck {
+            upstream: &azure,
+            ..check
+        },
+    )
+    .unwrap();
+    let rewritten = Batch::parse(&out, &boundary_text).unwrap();
+    for part in &rewritten.parts {
+        let r = &part.request;
+        assert!(r.uri.path().starts_with("/batchcap/"), "{}", r.uri);
+        let sts = string_to_sign(r, "devstoreaccount1", HeaderOrder::Service).unwrap();
+        assert!(sts.contains("\n/devstoreaccount1/batchcap/"), "{sts}");
+        let expected = format!("SharedKey devstoreaccount1:{}", signature(&f.key, &sts));
+        assert_eq!(r.headers["authorization"], expected.as_str());
+    }
+    assert_eq!(
+        rewritten.parts[2].request.uri.to_string(),
+        "/batchcap/dir%20with%20space/%C3%BC%2Bx.txt"
+    );
+
+    // A part for another container, relative or with the account, even one the account
+    // may use: the batch was authorized for batchcap only.
+    let wide = Scope {
+        containers: vec!["batchcap".into(), "velero".into()],
+        permissions: vec![Permission::Delete],
+    };
+    for other in [
+        " /velero/",
+        " /pg-prod/velero/",
+        " /devstoreaccount1/batchcap/",
+    ] {
+        let body = signed(sdk_body.replace(" /devstoreaccount1/batchcap/", other));
+        let e = rewrite_body(
+            &body,
+            &f.content_type,
+            &PartCheck {
+                scope: &wide,
+                ..check
+            },
+        )
+        .unwrap_err();
+        assert!(
+            matches!(e, BatchError::OtherContainer { index: 0, .. }),
+            "{other}: {e}"
+        );
+        assert_eq!(e.reason(), "container-not-allowed");
+    }
+    // A container named like the account: `/pg-prod/pg-prod/...` reads two ways.
+    let same_name = Scope {
+        containers: vec!["pg-prod".into()],
+        permissions: vec![Permission::Delete],
+    };
+    let body = signed(sdk_body.replace(" /devstoreaccount1/batchcap/", " /pg-prod/pg-prod/"));
+    let e = rewrite_body(
+        &body,
+        &f.content_type,
+        &PartCheck {
+            scope: &same_name,
+            container: "pg-prod",
+            ..check
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, BatchError::AmbiguousPath { index: 0, .. }),
+        "{e}"
+    );
+    // Relative to the account in that container is still one reading.
+    let body = signed(sdk_body.replace(" /devstoreaccount1/batchcap/", " /pg-prod/"));
+    let out = rewrite_body(
+        &body,
+        &f.content_type,
+        &PartCheck {
+            scope: &same_name,
+            container: "pg-prod",
+            ..check
+        },
+    )
+    .unwrap();
+    let rewritten = Batch::parse(&out, &boundary_text).unwrap();
+    assert!(
+        rewritten.parts[0]
+            .request
+            .uri
+            .path()
+            .starts_with("/devstoreaccount1/pg-prod/"),
+        "{}",
+        rewritten.parts[0].request.uri
+    );
 }
 
 /// The parts of a generated request, kept apart so one of them can be changed.

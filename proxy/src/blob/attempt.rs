@@ -39,6 +39,8 @@ pub(super) struct Attempt<'a> {
     pub(super) template: &'a http::request::Parts,
     /// The virtual account.
     pub(super) name: &'a str,
+    /// The container in the request's path; a batch's parts must stay in it.
+    pub(super) container: &'a str,
     /// Its settings.
     pub(super) account: &'a Account,
     /// The body, when it can be sent more than once.
@@ -128,6 +130,7 @@ impl Attempt<'_> {
             (Some(Replay::Batch(client, content_type)), _) => {
                 let check = PartCheck {
                     virtual_account: self.name,
+                    container: self.container,
                     client_key: &self.account.client_key,
                     scope: &self.account.scope,
                     upstream: &self.account.upstream,
@@ -206,7 +209,9 @@ fn batch_refusal(e: BatchError) -> Refuse {
         BatchError::TooLarge => (StatusCode::PAYLOAD_TOO_LARGE, "RequestBodyTooLarge"),
         BatchError::Auth { source, .. } => (StatusCode::FORBIDDEN, source.error_code()),
         BatchError::Refused { source, .. } => (StatusCode::FORBIDDEN, source.error_code()),
-        BatchError::NotBatchable { .. } => {
+        BatchError::NotBatchable { .. }
+        | BatchError::OtherContainer { .. }
+        | BatchError::AmbiguousPath { .. } => {
             (StatusCode::FORBIDDEN, "AuthorizationPermissionMismatch")
         }
         _ => (StatusCode::BAD_REQUEST, "InvalidInput"),

@@ -67,6 +67,33 @@ pub enum BatchError {
         /// What it was.
         operation: &'static str,
     },
+    /// A part addressing a container other than the one the batch is sent to. The service
+    /// runs a container-scoped batch's parts in that container only, and the gateway
+    /// authorized the batch for it.
+    #[error(
+        "batch part {index}: the path is neither /{account}/{container}/<blob> nor /{container}/<blob>, the container the batch is sent to"
+    )]
+    OtherContainer {
+        /// Position of the part, from 0.
+        index: usize,
+        /// The virtual account.
+        account: String,
+        /// The batch's container.
+        container: String,
+    },
+    /// A part whose path reads both with and without the account segment, because the
+    /// container is named like the virtual account: the two readings name different blobs.
+    #[error(
+        "batch part {index}: the path {path:?} names a different blob with and without the account segment, because container {container:?} is named like the account; use another container name"
+    )]
+    AmbiguousPath {
+        /// Position of the part, from 0.
+        index: usize,
+        /// The part's path.
+        path: String,
+        /// The batch's container.
+        container: String,
+    },
 }
 
 impl BatchError {
@@ -78,6 +105,8 @@ impl BatchError {
             Self::Auth { source, .. } => source.reason(),
             Self::Refused { source, .. } => source.reason(),
             Self::NotBatchable { .. } => "operation-not-allowed",
+            Self::OtherContainer { .. } => "container-not-allowed",
+            Self::AmbiguousPath { .. } => "ambiguous-path",
         }
     }
 }
@@ -201,6 +230,9 @@ impl Batch {
 pub struct PartCheck<'a> {
     /// The virtual account the outer request was verified for.
     pub virtual_account: &'a str,
+    /// The container the batch is sent to (`POST /<account>/<container>?...comp=batch`),
+    /// as in its path: every part must address a blob in it.
+    pub container: &'a str,
     /// That account's client key, which every part must be signed with.
     pub client_key: &'a AccountKey,
     /// What the account may reach.
@@ -223,8 +255,36 @@ pub fn rewrite_body(
     let mut batch = Batch::parse(body, &boundary(content_type)?)?;
     for (index, part) in batch.parts.iter_mut().enumerate() {
         let r = &mut part.request;
+        // The client signed `/<virtual account>` + the path as sent, in either form, and
+        // that is what `verify` rebuilds; the path is put in account form only after.
         verify(r, check.virtual_account, check.client_key, check.now)
             .map_err(|source| BatchError::Auth { index, source })?;
+        match part_path(r.uri.path(), check.virtual_account, check.container) {
+            PartPath::WithAccount => {}
+            PartPath::Relative => {
+                let target = format!(
+                    "/{}{}",
+                    check.virtual_account,
+                    r.uri.path_and_query().map_or("/", |p| p.as_str())
+                );
+                r.uri = http::Uri::try_from(target)
+                    .map_err(|_| BatchError::Malformed("a part's path"))?;
+            }
+            PartPath::Ambiguous => {
+                return Err(BatchError::AmbiguousPath {
+                    index,
+                    path: r.uri.path().to_owned(),
+                    container: check.container.to_owned(),
+                });
+            }
+            PartPath::OtherContainer => {
+                return Err(BatchError::OtherContainer {
+                    index,
+                    account: check.virtual_account.to_owned(),
+                    container: check.container.to_owned(),
+                });
+            }
+        }
         let request = classify(r, check.virtual_account)
             .map_err(|source| BatchError::Refused { index, source })?;
         if request.operation != Operation::DeleteBlob {
@@ -246,6 +306,51 @@ pub fn rewrite_body(
             })?;
     }
     Ok(batch.to_bytes())
+}
+
+/// How a part's path addresses the batch's container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartPath {
+    /// `/<virtual account>/<container>/<blob>`: path style, as SDKs send it to a path-style
+    /// endpoint they recognise (azure-storage-blob 12.x: only for hosts `localhost` and
+    /// `127.0.0.1`).
+    WithAccount,
+    /// `/<container>/<blob>`: relative to the account, as the service's own endpoints take
+    /// it and as azure-storage-blob sends it for every other host (a Service name).
+    Relative,
+    /// Both readings fit: the container is named like the virtual account.
+    Ambiguous,
+    /// Neither reading is in the batch's container.
+    OtherContainer,
+}
+
+/// Reads a part's path against the batch's `container`. A part may be in the batch's
+/// container only, so at most one reading can fit unless the container is named like the
+/// virtual account: then `/<account>/<account>/x` is blob `x` path style and blob
+/// `<account>/x` relative, and the signature, made over the same bytes for both, cannot
+/// tell which the client meant. Such a part is refused rather than guessed: a guess could
+/// delete a blob the client did not name, and a refusal can never reach more than the
+/// client asked for. Either reading fitting only in the batch's container keeps every part
+/// within the container the batch itself was authorized for.
+fn part_path(path: &str, virtual_account: &str, container: &str) -> PartPath {
+    let with_account = path
+        .strip_prefix('/')
+        .and_then(|p| p.strip_prefix(virtual_account))
+        .is_some_and(|rest| under_container(rest, container));
+    let relative = under_container(path, container);
+    match (with_account, relative) {
+        (true, true) => PartPath::Ambiguous,
+        (true, false) => PartPath::WithAccount,
+        (false, true) => PartPath::Relative,
+        (false, false) => PartPath::OtherContainer,
+    }
+}
+
+/// Whether `path` is `/<container>/...`.
+fn under_container(path: &str, container: &str) -> bool {
+    path.strip_prefix('/')
+        .and_then(|p| p.strip_prefix(container))
+        .is_some_and(|rest| rest.starts_with('/'))
 }
 
 /// Parses one part: MIME headers, a blank line, then an HTTP/1.1 request without a body.
@@ -344,6 +449,34 @@ mod tests {
 
     fn malformed(body: &[u8]) -> BatchError {
         Batch::parse(body, B).unwrap_err()
+    }
+
+    #[test]
+    fn part_paths_with_and_without_the_account() {
+        use PartPath::*;
+        let read = |path: &str, container: &str| part_path(path, "pg-prod", container);
+        assert_eq!(read("/pg-prod/pgbackups/base/x", "pgbackups"), WithAccount);
+        assert_eq!(read("/pgbackups/base/x", "pgbackups"), Relative);
+        assert_eq!(read("/pgbackups/pg-prod/x", "pgbackups"), Relative);
+        // Another container, in either form, another account, or a prefix of a name.
+        for other in [
+            "/pg-prod/velero/x",
+            "/velero/x",
+            "/other/pgbackups/x",
+            "/pg-prodx/pgbackups/x",
+            "/pgbackupsx/x",
+            "/pg-prod/pgbackupsx/x",
+            "/pgbackups",
+            "/pg-prod/pgbackups",
+            "/",
+        ] {
+            assert_eq!(read(other, "pgbackups"), OtherContainer, "{other}");
+        }
+        // A container named like the account: `/pg-prod/pg-prod/x` is blob `x` with the
+        // account segment and blob `pg-prod/x` without; neither is picked.
+        assert_eq!(read("/pg-prod/pg-prod/x", "pg-prod"), Ambiguous);
+        assert_eq!(read("/pg-prod/x", "pg-prod"), Relative);
+        assert_eq!(read("/pg-prod/pgbackups/x", "pg-prod"), Relative);
     }
 
     #[test]

@@ -238,6 +238,7 @@ async fn forward(
         grant.permits(&classified).map_err(sas_refusal)?;
     }
     let is_batch = classified.operation == Operation::BlobBatch;
+    let container = classified.resource.container.to_owned();
     for header in HOP_BY_HOP {
         parts.headers.remove(header);
     }
@@ -254,6 +255,7 @@ async fn forward(
     let attempt = Attempt {
         template: &parts,
         name: &name,
+        container: &container,
         account: &account,
         replay: replay.as_ref(),
         up,
