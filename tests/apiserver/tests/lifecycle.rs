@@ -157,10 +157,18 @@ async fn a_restart_keeps_the_objects_and_watches_resume() {
     maps.create(&PostParams::default(), &cm).await.unwrap();
     let seen = tokio::time::timeout(Duration::from_secs(30), async {
         loop {
-            if let Some(Ok(watcher::Event::Apply(cm))) = events.next().await
-                && cm.metadata.name.as_deref() == Some("after")
-            {
-                return;
+            match events.next().await {
+                // Resumed where it was cut (Apply), or, when the watcher had to list again
+                // (its resource version was refused after the restart), in the new list.
+                Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm)))
+                    if cm.metadata.name.as_deref() == Some("after") =>
+                {
+                    return;
+                }
+                // Connection refused while the server restarts: retry as a backoff would,
+                // without spinning the test's one thread.
+                Some(Err(_)) => tokio::time::sleep(Duration::from_millis(100)).await,
+                _ => {}
             }
         }
     })
