@@ -809,4 +809,47 @@ mod tests {
             1
         );
     }
+
+    #[test]
+    fn the_detector_runs_on_its_own_thread_and_stops_when_asked() {
+        // A real client against a loopback port nothing listens on: the watches fail and
+        // back off, which is exactly when a stop must still be prompt.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let config = kube::Config::new(url.parse().unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let (_tx, injector_rx) = watch::channel(Arc::new(injector()));
+        let handle = start(
+            config,
+            "egress-gate",
+            injector_rx,
+            Arc::new(NoServices),
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let named = |name: &str| {
+            std::fs::read_dir("/proc/self/task").unwrap().any(|task| {
+                std::fs::read_to_string(task.unwrap().path().join("comm"))
+                    .is_ok_and(|comm| comm.trim() == name)
+            })
+        };
+        assert!(named(THREAD_NAME), "no {THREAD_NAME} thread");
+        let asked = std::time::Instant::now();
+        handle.stop();
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "stop took {:?}",
+            asked.elapsed()
+        );
+        assert!(
+            !named(THREAD_NAME),
+            "{THREAD_NAME} still running after stop"
+        );
+        assert_eq!(
+            metrics.pod_watch_synced.get(),
+            0,
+            "never listed, never synced"
+        );
+    }
 }
