@@ -22,7 +22,7 @@ use kube::core::PartialObjectMeta;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::{Notify, watch};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admission::ServiceDirectory;
 use crate::engine::{InjectionStatus, Injector, Operation, PodContext, Selection};
@@ -361,11 +361,49 @@ pub fn classify(
     Some((name.to_string(), state))
 }
 
-/// What a running detector offers: the tracker, for tests and the `status` command.
-#[derive(Clone)]
+/// The name of the detector's OS thread, as `top -H` and `perf` show it.
+pub const THREAD_NAME: &str = "pod-drift";
+
+/// Why the detector could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StartError {
+    /// The OS refused a new thread.
+    #[error("cannot start the pod drift thread: {0}")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A running detector: its tracker, and the thread it runs on. Dropping it stops the
+/// detector without waiting; [`DriftHandle::stop`] stops it and waits for the thread.
 pub struct DriftHandle {
-    /// The shared tracker.
+    /// The shared tracker, for tests and the benchmark.
     pub tracker: Arc<Mutex<DriftTracker>>,
+    /// Tells the detector's runtime to stop (set to `true`, or dropped).
+    stop: watch::Sender<bool>,
+    /// The detector's thread; `None` once joined.
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DriftHandle {
+    /// Stops the watches and the publisher and waits for the thread to end. Blocks for as
+    /// long as the detector takes to drop its runtime (its tasks are cancelled at their next
+    /// await point, so milliseconds); call it from a blocking context.
+    pub fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            warn!("pod drift thread panicked");
+        }
+    }
+}
+
+impl Drop for DriftHandle {
+    /// Signals the thread without joining it: a handle dropped on an async runtime must not
+    /// block it, and the thread ends on its own at its next await point.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 /// Locks the tracker, recovering it after a panic elsewhere (its state stays consistent:
@@ -377,17 +415,74 @@ pub fn lock(tracker: &Mutex<DriftTracker>) -> std::sync::MutexGuard<'_, DriftTra
     }
 }
 
-/// Starts the namespace and pod metadata watches with `client` and publishes the gauges.
+/// Starts the detector on an OS thread of its own ([`THREAD_NAME`]) with its own
+/// single-threaded tokio runtime, where it builds its Kubernetes client from `client_config`,
+/// runs the namespace and pod metadata watches and publishes the gauges.
+///
+/// Why a thread: with the detector on the admission runtime, a review waited behind every
+/// watch event and listing page, and with 50,000 pods held the review path itself got slower
+/// (docs/performance.md, "With the pod drift watch running"). On its own thread the
+/// detector's work and its allocations stay off the threads that answer reviews.
+///
 /// `injector` follows configuration reloads; pods are classified under the configuration
-/// in force when their event arrives.
+/// in force when their event arrives. The detector runs until [`DriftHandle::stop`] or until
+/// the handle is dropped.
 pub fn start(
-    client: kube::Client,
+    client_config: kube::Config,
     own_namespace: &str,
     injector: watch::Receiver<Arc<Injector>>,
     services: Arc<dyn ServiceDirectory>,
     metrics: Arc<Metrics>,
-) -> DriftHandle {
+) -> Result<DriftHandle, StartError> {
     let tracker = Arc::new(Mutex::new(DriftTracker::new(own_namespace)));
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let shared = Arc::clone(&tracker);
+    let thread = std::thread::Builder::new()
+        .name(THREAD_NAME.to_string())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    error!(error = %e, "pod drift: cannot start its runtime; pod drift is not tracked");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                // A kube client spawns its request buffer on the runtime it is built in.
+                let client = match kube::Client::try_from(client_config) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        error!(error = %e, "pod drift: no Kubernetes client; pod drift is not tracked");
+                        return;
+                    }
+                };
+                tokio::select! {
+                    () = run(client, shared, injector, services, metrics) => {}
+                    _ = stop_rx.wait_for(|stop| *stop) => {}
+                }
+            });
+            // Dropping the runtime here cancels the watches and the publisher.
+        })
+        .map_err(StartError::Thread)?;
+    info!("pod drift detector watching opted-in namespaces' pods (metadata only)");
+    Ok(DriftHandle {
+        tracker,
+        stop: stop_tx,
+        thread: Some(thread),
+    })
+}
+
+/// The watches and the publisher, until the watches end (they retry, so never).
+async fn run(
+    client: kube::Client,
+    tracker: Arc<Mutex<DriftTracker>>,
+    injector: watch::Receiver<Arc<Injector>>,
+    services: Arc<dyn ServiceDirectory>,
+    metrics: Arc<Metrics>,
+) {
     let dirty = Arc::new(Notify::new());
 
     let namespaces = watcher::watcher(
@@ -395,10 +490,10 @@ pub fn start(
         watcher::Config::default().labels(&format!("{OPT_IN_LABEL}={OPT_IN_VALUE}")),
     )
     .default_backoff();
-    {
+    let namespaces = {
         let tracker = Arc::clone(&tracker);
         let dirty = Arc::clone(&dirty);
-        tokio::spawn(async move {
+        async move {
             let mut namespaces = std::pin::pin!(namespaces);
             while let Some(event) = namespaces.next().await {
                 match event {
@@ -409,18 +504,18 @@ pub fn start(
                     Err(e) => warn!(error = %e, "pod drift: namespace watch failed; retrying"),
                 }
             }
-        });
-    }
+        }
+    };
 
     let pods = watcher::watcher(
         Api::<PartialObjectMeta<Pod>>::all(client),
         watcher::Config::default(),
     )
     .default_backoff();
-    {
+    let pods = {
         let tracker = Arc::clone(&tracker);
         let dirty = Arc::clone(&dirty);
-        tokio::spawn(async move {
+        async move {
             let mut pods = std::pin::pin!(pods);
             while let Some(event) = pods.next().await {
                 let event = match event {
@@ -452,12 +547,10 @@ pub fn start(
                 }
                 dirty.notify_one();
             }
-        });
-    }
+        }
+    };
 
-    tokio::spawn(publish(Arc::clone(&tracker), dirty, metrics));
-    info!("pod drift detector watching opted-in namespaces' pods (metadata only)");
-    DriftHandle { tracker }
+    tokio::join!(namespaces, pods, publish(tracker, dirty, metrics));
 }
 
 /// Sets the gauges from the tracker after changes, at most once per [`PUBLISH_INTERVAL`].
@@ -714,6 +807,49 @@ mod tests {
         assert_eq!(
             t.counts()[&("db".to_string(), "cnpg".to_string())].selected,
             1
+        );
+    }
+
+    #[test]
+    fn the_detector_runs_on_its_own_thread_and_stops_when_asked() {
+        // A real client against a loopback port nothing listens on: the watches fail and
+        // back off, which is exactly when a stop must still be prompt.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("https://{}", closed.local_addr().unwrap());
+        drop(closed);
+        let config = kube::Config::new(url.parse().unwrap());
+        let metrics = Arc::new(Metrics::default());
+        let (_tx, injector_rx) = watch::channel(Arc::new(injector()));
+        let handle = start(
+            config,
+            "egress-gate",
+            injector_rx,
+            Arc::new(NoServices),
+            Arc::clone(&metrics),
+        )
+        .unwrap();
+        let named = |name: &str| {
+            std::fs::read_dir("/proc/self/task").unwrap().any(|task| {
+                std::fs::read_to_string(task.unwrap().path().join("comm"))
+                    .is_ok_and(|comm| comm.trim() == name)
+            })
+        };
+        assert!(named(THREAD_NAME), "no {THREAD_NAME} thread");
+        let asked = std::time::Instant::now();
+        handle.stop();
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "stop took {:?}",
+            asked.elapsed()
+        );
+        assert!(
+            !named(THREAD_NAME),
+            "{THREAD_NAME} still running after stop"
+        );
+        assert_eq!(
+            metrics.pod_watch_synced.get(),
+            0,
+            "never listed, never synced"
         );
     }
 }

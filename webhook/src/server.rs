@@ -195,22 +195,30 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
         Arc::clone(&metrics),
     ));
 
-    if options.watch_pods {
-        match kube::Client::try_default().await {
-            Ok(client) => {
-                crate::drift::start(
-                    client,
-                    &options.namespace,
-                    injector_rx.clone(),
-                    Arc::clone(&services),
-                    Arc::clone(&metrics),
-                );
-            }
+    // The detector runs on a thread of its own (see `drift::start`) and stops with the server.
+    let drift = if options.watch_pods {
+        match kube::Config::infer().await {
+            Ok(client_config) => match crate::drift::start(
+                client_config,
+                &options.namespace,
+                injector_rx.clone(),
+                Arc::clone(&services),
+                Arc::clone(&metrics),
+            ) {
+                Ok(handle) => Some(handle),
+                Err(e) => {
+                    warn!(error = %e, "--watch-pods is on but the detector could not start; pod drift is not tracked");
+                    None
+                }
+            },
             Err(e) => {
-                warn!(error = %e, "--watch-pods is on but no Kubernetes client could be built; pod drift is not tracked");
+                warn!(error = %e, "--watch-pods is on but no Kubernetes client configuration was found; pod drift is not tracked");
+                None
             }
         }
-    }
+    } else {
+        None
+    };
 
     let router = admission_router(injector_rx, services, Arc::clone(&metrics));
 
@@ -243,6 +251,12 @@ pub async fn run(options: ServeOptions, shutdown: impl Future<Output = ()>) -> a
         error!(error = %e, "admission server task failed");
     }
     admin_task.abort();
+    if let Some(drift) = drift {
+        // Joining waits for the detector's runtime to drop its tasks: off the async threads.
+        if let Err(e) = tokio::task::spawn_blocking(move || drift.stop()).await {
+            error!(error = %e, "pod drift detector did not stop cleanly");
+        }
+    }
     info!("stopped");
     Ok(())
 }

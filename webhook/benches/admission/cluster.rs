@@ -245,13 +245,18 @@ impl ClientSource {
         }
     }
 
-    /// A client; call inside the runtime that will use it.
-    fn client(&self) -> kube::Client {
+    /// The client configuration, for `drift::start`, which builds its client on its own thread.
+    fn config(&self) -> kube::Config {
         let mut config = kube::Config::new(self.url.parse().unwrap());
         let der = pem_to_der(&self.ca_pem);
         config.root_cert = Some(vec![der]);
         config.auth_info.token = Some(self.token.clone().into());
-        kube::Client::try_from(config).unwrap()
+        config
+    }
+
+    /// A client; call inside the runtime that will use it.
+    fn client(&self) -> kube::Client {
+        kube::Client::try_from(self.config()).unwrap()
     }
 }
 
@@ -265,7 +270,7 @@ fn pem_to_der(pem: &str) -> Vec<u8> {
 }
 
 /// The admission server with the drift detector running beside it, as `serve --watch-pods`
-/// runs them: one process, one runtime, one metrics registry.
+/// runs them: one process, one metrics registry, the detector on its own thread and runtime.
 pub struct WatchingServer {
     /// Where it serves admission reviews.
     pub addr: std::net::SocketAddr,
@@ -273,6 +278,8 @@ pub struct WatchingServer {
     pub handle: DriftHandle,
     /// CPU of the server thread.
     pub cpu: ThreadCpu,
+    /// CPU of the detector's thread (`drift::THREAD_NAME`).
+    pub detector_cpu: ThreadCpu,
     /// Seconds from the detector's start to its first complete listing.
     pub sync_seconds: f64,
 }
@@ -298,12 +305,13 @@ pub fn start_watching_server(
             let services: Arc<dyn ServiceDirectory> = Arc::new(NoServices);
             let started = Instant::now();
             let handle = drift::start(
-                source.client(),
+                source.config(),
                 OWN_NAMESPACE,
                 injector_rx.clone(),
                 Arc::clone(&services),
                 Arc::clone(&metrics),
-            );
+            )
+            .unwrap();
             let router = admission_router(injector_rx, services, metrics);
             let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send((listener.local_addr().unwrap(), handle, cpu, started))
@@ -339,6 +347,7 @@ pub fn start_watching_server(
         addr,
         handle,
         cpu,
+        detector_cpu: ThreadCpu::named(drift::THREAD_NAME).expect("the drift detector's thread"),
         sync_seconds: started.elapsed().as_secs_f64(),
     }
 }
