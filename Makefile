@@ -26,7 +26,7 @@ test: export REQUIRE_AZURITE = 1
 test: test-deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
-	$(CARGO) test --workspace --all-targets
+	$(CARGO) test --workspace --all-targets --no-fail-fast # every failing binary reported, not only the first
 	BENCH_QUICK=1 $(MAKE) bench # the benchmark harness's smoke: fails if it breaks, never on speed
 	bash scripts/test-private-checkout.sh # make private-checkout
 	bash scripts/test-manifests.sh

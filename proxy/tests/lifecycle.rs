@@ -290,7 +290,9 @@ async fn tunnel_ceiling_build_and_last_good_reload_are_exported() {
     bin.signal("-HUP");
     bin.log("reload rejected").await;
     let errors = "egress_proxy_config_reloads_total{result=\"error\"}";
-    assert_eq!(sample(bin.admin, errors).await, Some(1.0));
+    // At least one: the file watcher may notice the same change and reject it too.
+    let rejected = sample(bin.admin, errors).await.unwrap_or(0.0);
+    assert!(rejected >= 1.0, "{rejected} rejected reloads counted");
     assert_eq!(sample(bin.admin, last).await, Some(started));
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     std::fs::write(
