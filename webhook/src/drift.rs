@@ -811,6 +811,8 @@ mod tests {
     }
 
     #[test]
+    // A plain test thread, no runtime to block: it may sleep while it waits for the spawn.
+    #[allow(clippy::disallowed_methods)]
     fn the_detector_runs_on_its_own_thread_and_stops_when_asked() {
         // A real client against a loopback port nothing listens on: the watches fail and
         // back off, which is exactly when a stop must still be prompt.
@@ -834,6 +836,11 @@ mod tests {
                     .is_ok_and(|comm| comm.trim() == name)
             })
         };
+        // The new thread names itself once it runs: wait for it rather than race it.
+        let spawned = std::time::Instant::now();
+        while !named(THREAD_NAME) && spawned.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(named(THREAD_NAME), "no {THREAD_NAME} thread");
         let asked = std::time::Instant::now();
         handle.stop();
