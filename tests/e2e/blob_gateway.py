@@ -181,7 +181,8 @@ def batch():
     BlobEndpoint that is not localhost or 127.0.0.1 (a Service name), the SDK writes each
     part's path without the account: /<container>/<blob>."""
     c.delete_blobs("base/data.tar", "wals/000000010000000000000001")
-    names = sorted(b.name for b in c.list_blobs())
+    # The SAS part of the step leaves its own blobs under sas/ in this container.
+    names = sorted(b.name for b in c.list_blobs() if not b.name.startswith("sas/"))
     assert names == ["keep/me"], names
     results["batch_delete"] = "ok"
     # A batch with a delete the account may not do: the whole batch is refused.
