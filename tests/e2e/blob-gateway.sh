@@ -135,7 +135,7 @@ gw_batch() {
     "$(cat "$run/blob/pg-ro.key")" "$run/ca.crt" >"$logs/blob-batch.log" 2>&1 ||
     die "Blob Batch through the gateway (Python SDK delete_blobs) failed: $(tail -n 3 "$logs/blob-batch.log")"
   sed 's/^/   | /' "$logs/blob-batch.log"
-  ! tail -n +$((seen + 1)) "$logs/azurite-debug.log" | grep -qF neg-batch || die "the refused batch reached Azurite"
+  ! tail -n +$((seen + 1)) "$logs/azurite-debug.log" | grep -F neg-batch >/dev/null || die "the refused batch reached Azurite"
 
   # Azurite's own view, with the real key, through the CONNECT proxy (not the gateway).
   before=$(pod "$run/env-proxy" "$venv/bin/python" "$here/pod.py" blob-count "$GW_C" "pg/base/$GW_BID1/")
@@ -151,9 +151,9 @@ gw_batch() {
   wals_after=$(pod "$run/env-proxy" "$venv/bin/python" "$here/pod.py" blob-count "$GW_C" pg/wals/)
   ((after == 0)) || die "$after blobs of the deleted backup $GW_BID1 are still in Azurite"
   ((wals_after < wals_before)) || die "no WAL before backup $GW_BID2 was deleted ($wals_before before, $wals_after after)"
-  tail -n +$((seen + 1)) "$logs/azurite-debug.log" | grep -q 'comp=batch' ||
+  tail -n +$((seen + 1)) "$logs/azurite-debug.log" | grep 'comp=batch' >/dev/null ||
     die "Azurite saw no Blob Batch request from barman-cloud-backup-delete"
-  grep 'blob request' "$logs/proxy.log" | grep -q '"operation":"blob-batch"' ||
+  grep 'blob request' "$logs/proxy.log" | grep '"operation":"blob-batch"' >/dev/null ||
     die "the gateway's access log shows no batch"
   pod_pg "$run/env-gw" barman-cloud-backup-list "${BARMAN[@]}" --format json "$(url "$GW_C")" pg |
     "$venv/bin/python" -c 'import json,sys; ids=[b["backup_id"] for b in json.load(sys.stdin)["backups_list"]]; assert ids == [sys.argv[1]], ids' "$GW_BID2" ||

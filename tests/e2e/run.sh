@@ -687,9 +687,9 @@ YAML
   b=$(connect_code_from "$POD2")
   [[ $a == 200 ]] || die "db-a's pod ($POD_IP) got $a, not 200"
   [[ $b == 403 ]] || die "db-b's pod ($POD2_IP) got $b, not 403"
-  grep '"src_namespace":"db-a"' "$logs/proxy.log" | grep -q '"src_pod":"pg-a-1"' ||
+  grep '"src_namespace":"db-a"' "$logs/proxy.log" | grep '"src_pod":"pg-a-1"' >/dev/null ||
     die "the proxy log does not name db-a's pod"
-  grep '"src_namespace":"db-b"' "$logs/proxy.log" | grep -q 'workload-not-allowed' ||
+  grep '"src_namespace":"db-b"' "$logs/proxy.log" | grep 'workload-not-allowed' >/dev/null ||
     die "the proxy log does not show db-b's refusal as workload-not-allowed"
   note "db-a/pg-a-1 ($POD_IP): 200; db-b/pg-b-1 ($POD2_IP): 403 workload-not-allowed; same env, same proxy"
 }
