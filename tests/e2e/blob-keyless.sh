@@ -136,6 +136,12 @@ as_pg barman-cloud-backup "${barman[@]}" --immediate-checkpoint -h "$run/sock" -
 say "barman-cloud-backup done"
 # Rotate the projected token, as the kubelet does; later exchanges must send the new one.
 printf 'eyJhbGciOiJSUzI1NiJ9.projected-sa-token-2.sig\n' >sa-token
+# The proxy refreshes at half the token's 30 s life. Wait for that exchange, so the WAL and
+# the restore below run on a token got with the rotated file, however fast the backup was.
+for _ in $(seq 450); do
+  grep "issued.*projected-sa-token-2" token.log >/dev/null && break
+  sleep 0.1
+done
 psql_at "$pg_port" "insert into t select g, md5(g::text) from generate_series(5001, 6000) g"
 want=$(psql_at "$pg_port" "$digest_sql")
 wal=$(psql_at "$pg_port" "select pg_walfile_name(pg_switch_wal())")
